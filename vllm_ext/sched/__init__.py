@@ -1,0 +1,1 @@
+"""Predictive scheduling: pure policies (`policy.py`) and the vLLM adapter (`scheduler.py`)."""

@@ -1,0 +1,107 @@
+"""Pure scheduling policies: no vLLM imports, shared by the engine adapter and the simulator.
+
+A policy sees `RequestView`s (plain snapshots of a request) and answers two questions:
+  * `sort_key(view)`: the order of `running` and `waiting` (lower runs first; in `running` the
+    last entry is the one vLLM preempts when KV blocks run out);
+  * `choose_victim(candidate, running)`: whether the best waiting request should preempt a
+    running one now, and which.
+A policy with `reorders = False` is never consulted for order, so vLLM's own FCFS path runs
+untouched (this is how `fcfs` reproduces stock vLLM exactly).
+
+Policies here:
+  * `fcfs`   - vLLM's first-come-first-served, unchanged.
+  * `oracle` - SRPT on the true remaining output length, which the client passes per request in
+               ``vllm_xargs: {"ext_true_output_len": N}`` (a benchmark upper bound, not a
+               predictor). Preempts a running request when the waiting head's remaining length
+               plus a margin is below the victim's, at most `max_preemptions_per_request` times
+               per victim.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+TRUE_LEN_KEY = "ext_true_output_len"
+
+
+@dataclass(frozen=True)
+class RequestView:
+    request_id: str
+    arrival_time: float
+    num_prompt_tokens: int
+    num_output_tokens: int
+    max_tokens: int
+    num_preemptions: int = 0
+    true_output_len: int | None = None
+    predictions: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def true_remaining(self) -> float:
+        if self.true_output_len is None:
+            return math.inf
+        return max(0, self.true_output_len - self.num_output_tokens)
+
+
+class Policy:
+    """Base policy: FCFS order, never preempts on its own."""
+
+    name = "base"
+    reorders = False
+
+    def sort_key(self, view: RequestView) -> tuple:
+        return (view.arrival_time, view.request_id)
+
+    def choose_victim(
+        self, candidate: RequestView, running: Sequence[RequestView]
+    ) -> RequestView | None:
+        return None
+
+
+class FcfsPolicy(Policy):
+    name = "fcfs"
+
+
+@dataclass
+class SrptPolicy(Policy):
+    """SRPT on `remaining(view)` with margin-guarded, capped preemption."""
+
+    margin: float = 0.0
+    max_preemptions_per_request: int = 4
+    name = "srpt"
+    reorders = True
+
+    def remaining(self, view: RequestView) -> float:
+        raise NotImplementedError
+
+    def sort_key(self, view: RequestView) -> tuple:
+        return (self.remaining(view), view.arrival_time, view.request_id)
+
+    def preemptible(self, view: RequestView) -> bool:
+        return view.num_preemptions < self.max_preemptions_per_request
+
+    def choose_victim(
+        self, candidate: RequestView, running: Sequence[RequestView]
+    ) -> RequestView | None:
+        pool = [r for r in running if self.preemptible(r)]
+        if not pool:
+            return None
+        victim = max(pool, key=self.sort_key)
+        if self.remaining(candidate) + self.margin < self.remaining(victim):
+            return victim
+        return None
+
+
+class OraclePolicy(SrptPolicy):
+    name = "oracle"
+
+    def remaining(self, view: RequestView) -> float:
+        return view.true_remaining
+
+
+def make_policy(name: str, margin: float = 0.0, max_preemptions_per_request: int = 4) -> Policy:
+    if name == "fcfs":
+        return FcfsPolicy()
+    if name == "oracle":
+        return OraclePolicy(margin=margin, max_preemptions_per_request=max_preemptions_per_request)
+    raise ValueError(f"unknown policy {name!r}")

@@ -1,0 +1,122 @@
+"""`PredictiveScheduler`: vLLM's V1 scheduler with ordering and preemption delegated to a policy.
+
+Loaded with ``--scheduler-cls vllm_ext.sched.scheduler.PredictiveScheduler``. Before each
+``Scheduler.schedule()`` call it
+  1. sorts ``running`` by the policy key (vLLM schedules in that order and, when KV blocks run
+     out, preempts the last entry, i.e. the one the policy likes least);
+  2. lets the best waiting request preempt one running request the policy names (budgeted per
+     step; vLLM itself never preempts for admission);
+  3. sorts ``waiting`` by the policy key.
+Then vLLM's own ``schedule()`` runs unchanged. Policies with ``reorders = False`` (``fcfs``)
+skip all three, so the stock FCFS behaviour is reproduced exactly.
+
+Predictions from the ProbeWorker arrive as ``ModelRunnerOutput.probe_values`` and are kept per
+request for the policy. A policy error is logged once and the scheduler falls back to FCFS.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+from vllm.logger import init_logger
+from vllm.v1.core.sched.request_queue import FCFSRequestQueue
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import Request, RequestStatus
+
+from vllm_ext.config import ExtConfig
+from vllm_ext.sched.policy import TRUE_LEN_KEY, FcfsPolicy, RequestView, make_policy
+
+logger = init_logger(__name__)
+
+
+class PredictiveScheduler(Scheduler):
+    def __init__(self, vllm_config, *args, **kwargs) -> None:
+        super().__init__(vllm_config, *args, **kwargs)
+        self.ext_config = ExtConfig.from_vllm_config(vllm_config)
+        self.ext_policy = make_policy(
+            self.ext_config.policy,
+            margin=self.ext_config.preemption_margin,
+            max_preemptions_per_request=self.ext_config.max_preemptions_per_request,
+        )
+        self.ext_predictions: dict[str, dict[str, float]] = {}
+        self.ext_num_policy_preemptions = 0
+        if self.ext_policy.reorders and not isinstance(self.waiting, FCFSRequestQueue):
+            logger.warning("vllm-ext: waiting queue is not FCFS (--scheduling-policy priority); "
+                           "policy %s orders running requests only", self.ext_policy.name)
+        logger.info("vllm-ext PredictiveScheduler: policy=%s", self.ext_policy.name)
+
+    # ---- vLLM hooks ------------------------------------------------------------------------
+    def schedule(self, *args, **kwargs):
+        if self.ext_policy.reorders:
+            try:
+                self._apply_policy()
+            except Exception:
+                logger.exception("vllm-ext: policy %s failed; falling back to FCFS",
+                                 self.ext_policy.name)
+                self.ext_policy = FcfsPolicy()
+        return super().schedule(*args, **kwargs)
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        values = getattr(model_runner_output, "probe_values", None)
+        if values:
+            self.ext_predictions.update(values)
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        if len(self.ext_predictions) > len(self.requests):
+            for req_id in [r for r in self.ext_predictions if r not in self.requests]:
+                del self.ext_predictions[req_id]
+        return outputs
+
+    # ---- policy application ----------------------------------------------------------------
+    def view(self, request: Request) -> RequestView:
+        extra = (request.sampling_params.extra_args if request.sampling_params else None) or {}
+        true_len = extra.get(TRUE_LEN_KEY)
+        return RequestView(
+            request_id=request.request_id,
+            arrival_time=request.arrival_time,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_output_tokens=request.num_output_tokens,
+            max_tokens=request.max_tokens,
+            num_preemptions=request.num_preemptions,
+            true_output_len=true_len if isinstance(true_len, int) else None,
+            predictions=self.ext_predictions.get(request.request_id, {}),
+        )
+
+    def _apply_policy(self) -> None:
+        views = {r.request_id: self.view(r) for r in self.running}
+        self.running.sort(key=lambda r: self.ext_policy.sort_key(views[r.request_id]))
+        if isinstance(self.waiting, FCFSRequestQueue) and self.waiting:
+            self._sort_waiting()
+            for _ in range(self.ext_config.max_preemptions_per_step):
+                if not self._preempt_for(self.waiting[0], views):
+                    break
+                self._sort_waiting()
+
+    def _sort_waiting(self) -> None:
+        ordered = sorted(self.waiting, key=lambda r: self.ext_policy.sort_key(self.view(r)))
+        self.waiting.clear()
+        self.waiting.extend(ordered)
+
+    def _has_room_for(self, request: Request) -> bool:
+        if len(self.running) >= self.max_num_running_reqs:
+            return False
+        need = math.ceil(request.num_tokens / self.block_size) + len(self.running)
+        return self.kv_cache_manager.block_pool.get_num_free_blocks() >= need
+
+    def _preempt_for(self, candidate: Request, views: dict[str, RequestView]) -> bool:
+        """Preempt the policy's victim for `candidate` if it cannot be admitted as is."""
+        if candidate.status not in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
+            return False
+        if self._has_room_for(candidate):
+            return False
+        running = [views[r.request_id] for r in self.running
+                   if r.status == RequestStatus.RUNNING and self._request_blocks_can_be_freed(r)]
+        victim_view = self.ext_policy.choose_victim(self.view(candidate), running)
+        if victim_view is None:
+            return False
+        victim = next(r for r in self.running if r.request_id == victim_view.request_id)
+        self.running.remove(victim)
+        self._preempt_request(victim, time.monotonic())
+        self.ext_num_policy_preemptions += 1
+        logger.debug("vllm-ext: %s preempted %s for %s", self.ext_policy.name,
+                     victim.request_id, candidate.request_id)
+        return True

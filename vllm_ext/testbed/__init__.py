@@ -1,0 +1,1 @@
+"""Embedded testbed: a locally built tokenizer, the tiny MoE model and the synthetic task suite."""

@@ -1,0 +1,58 @@
+"""Where the latest probe values of each request live on the worker, for the server to read.
+
+The API server cannot get new fields through EngineCore's fixed output struct, so it asks the
+workers directly with vLLM's own ``collective_rpc("ext_get_predictions", args=(tag,))``. A
+request is found by the ``ext_tag`` the server's middleware puts in its ``vllm_xargs``; all
+child requests of an ``n > 1`` request share the tag. Entries outlive the request (bounded
+LRU), so predictions can be attached to the response after the request finished.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+TAG_KEY = "ext_tag"
+
+
+@dataclass
+class RequestPredictions:
+    tag: str | None
+    latest: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+class PredictionStore:
+    def __init__(self, keep_history: bool = False, capacity: int = 4096) -> None:
+        self.keep_history = keep_history
+        self.capacity = capacity
+        self.entries: OrderedDict[str, RequestPredictions] = OrderedDict()
+
+    def start(self, req_id: str, extra_args: dict | None) -> None:
+        tag = (extra_args or {}).get(TAG_KEY)
+        self.entries[req_id] = RequestPredictions(tag=tag if isinstance(tag, str) else None)
+        self.entries.move_to_end(req_id)
+        while len(self.entries) > self.capacity:
+            self.entries.popitem(last=False)
+
+    def has(self, req_id: str) -> bool:
+        entry = self.entries.get(req_id)
+        return entry is not None and entry.steps > 0
+
+    def record(self, req_id: str, values: dict[str, float]) -> None:
+        entry = self.entries.get(req_id)
+        if entry is None:
+            entry = self.entries[req_id] = RequestPredictions(tag=None)
+        entry.latest = values
+        entry.steps += 1
+        if self.keep_history:
+            entry.history.append(values)
+
+    def query(self, tag: str | None = None, req_ids: list[str] | None = None) -> dict[str, dict]:
+        out = {}
+        for req_id, entry in self.entries.items():
+            if (tag is not None and entry.tag == tag) or (req_ids and req_id in req_ids):
+                out[req_id] = {"values": entry.latest, "probe_runs": entry.steps}
+                if self.keep_history:
+                    out[req_id]["history"] = list(entry.history)
+        return out

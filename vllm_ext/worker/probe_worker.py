@@ -1,0 +1,153 @@
+"""`ProbeWorker`: the platform's vLLM worker plus hidden-state probes (the prediction channel).
+
+Loaded with ``--worker-cls vllm_ext.worker.probe_worker.ProbeWorker``; it subclasses
+``CPUWorker`` on CPU and the GPU ``Worker`` elsewhere. After the model is loaded it registers a
+forward hook on each decoder layer a probe reads; the hook only copies the residual stream
+(``hidden + residual`` for Llama/Mixtral-style layers) into a preallocated buffer, so it is
+tensor-only and is traced into compiled graphs as well as eager ones. After each forward step
+the worker takes the last scheduled token's row of every request, runs the probes (every
+``probe_every`` steps, and always for a request that has no prediction yet, i.e. at the end of
+its prefill) and
+  * attaches ``{req_id: {name: value}}`` to the step's output as ``probe_values`` for the
+    scheduler (``PredictiveScheduler.update_from_output``);
+  * keeps the latest values in a `PredictionStore` that the server reads over
+    ``collective_rpc("ext_get_predictions")``.
+With no probe loaded every step is the base worker's. A probe that fails to load or to run is
+logged once and disabled; requests go on without predictions.
+"""
+from __future__ import annotations
+
+import torch
+from vllm.logger import init_logger
+from vllm.platforms import current_platform
+
+from vllm_ext.config import ExtConfig
+from vllm_ext.probes.base import Probe, ProbeError, load_probe, model_fingerprint
+from vllm_ext.worker.channel import PredictionStore
+
+logger = init_logger(__name__)
+
+if current_platform.is_cpu():
+    from vllm.v1.worker.cpu_worker import CPUWorker as _BaseWorker
+else:
+    from vllm.v1.worker.gpu_worker import Worker as _BaseWorker
+
+
+def residual_stream(output) -> torch.Tensor:
+    """A decoder layer's output as the residual stream (vLLM layers return (hidden, residual))."""
+    if isinstance(output, tuple):
+        hidden, residual = output[0], output[1]
+        return hidden if residual is None else hidden + residual
+    return output
+
+
+def decoder_layers(model: torch.nn.Module):
+    inner = getattr(model, "model", model)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise ProbeError(f"{type(model).__name__} has no .model.layers to hook")
+    return layers
+
+
+class ProbeWorker(_BaseWorker):
+    ext_probes: list[Probe] = []
+
+    def load_model(self, *args, **kwargs) -> None:
+        super().load_model(*args, **kwargs)
+        self.ext_config = ExtConfig.from_vllm_config(self.vllm_config)
+        self.ext_store = PredictionStore(keep_history=self.ext_config.probe_history)
+        self.ext_step = 0
+        self.ext_probes, self.ext_buffers = [], {}
+        try:
+            self._load_probes()
+        except Exception as exc:  # never take the engine down for a probe
+            logger.warning("vllm-ext: probes disabled, policies fall back to baseline: %s", exc)
+            self.ext_probes, self.ext_buffers = [], {}
+
+    def _load_probes(self) -> None:
+        if not self.ext_config.probe_paths:
+            return
+        fingerprint = model_fingerprint(self.vllm_config.model_config.hf_config)
+        probes = [load_probe(p, fingerprint) for p in self.ext_config.probe_paths]
+        model = self.model_runner.get_model()
+        layers = decoder_layers(model)
+        hidden = self.vllm_config.model_config.get_hidden_size()
+        rows = self.vllm_config.scheduler_config.max_num_batched_tokens
+        for layer in sorted({p.layer for p in probes}):
+            if not 0 <= layer < len(layers):
+                raise ProbeError(f"probe layer {layer} out of range (model has {len(layers)})")
+            buf = torch.zeros(rows, hidden, dtype=torch.float32, device=self.device)
+            layers[layer].register_forward_hook(_make_capture_hook(buf))
+            self.ext_buffers[layer] = buf
+        self.ext_probes = probes
+        logger.info("vllm-ext ProbeWorker: %d probe(s) on layer(s) %s, every %d step(s)",
+                    len(probes), sorted(self.ext_buffers), self.ext_config.probe_every)
+
+    def execute_model(self, scheduler_output):
+        if not self.ext_probes:
+            return super().execute_model(scheduler_output)
+        for new in scheduler_output.scheduled_new_reqs:
+            params = new.sampling_params
+            self.ext_store.start(new.req_id, params.extra_args if params else None)
+        output = super().execute_model(scheduler_output)
+        self.ext_pending = None
+        if scheduler_output.total_num_scheduled_tokens > 0:
+            try:
+                self.ext_pending = self._run_probes()
+            except Exception:
+                logger.exception("vllm-ext: probe failed; disabling probes")
+                self.ext_probes = []
+        return self._attach(output)
+
+    def sample_tokens(self, *args, **kwargs):
+        return self._attach(super().sample_tokens(*args, **kwargs))
+
+    def _attach(self, output):
+        values = getattr(self, "ext_pending", None)
+        if values and output is not None and hasattr(output, "sampled_token_ids"):
+            output.probe_values = values
+            self.ext_pending = None
+        elif values and output is not None and hasattr(output, "get_output"):
+            inner_get = output.get_output  # async scheduling: attach when resolved
+
+            def get_output():
+                result = inner_get()
+                result.probe_values = values
+                return result
+            output.get_output = get_output
+            self.ext_pending = None
+        return output
+
+    def _run_probes(self) -> dict[str, dict[str, float]]:
+        runner = self.model_runner
+        num_reqs = runner.input_batch.num_reqs
+        req_ids = runner.input_batch.req_ids[:num_reqs]
+        rows = runner.query_start_loc.cpu[1:num_reqs + 1].long() - 1
+        self.ext_step += 1
+        if self.ext_step % self.ext_config.probe_every != 0:
+            pick = [i for i, r in enumerate(req_ids) if not self.ext_store.has(r)]
+            if not pick:
+                return {}
+            req_ids = [req_ids[i] for i in pick]
+            rows = rows[pick]
+        results: dict[str, dict[str, float]] = {r: {} for r in req_ids}
+        for probe in self.ext_probes:
+            hidden = self.ext_buffers[probe.layer][rows.to(self.device)]
+            out = probe(hidden).cpu()
+            for i, req_id in enumerate(req_ids):
+                results[req_id].update(zip(probe.output_names, out[i].tolist()))
+        for req_id, values in results.items():
+            self.ext_store.record(req_id, values)
+        return results
+
+    # ---- RPC for the server (collective_rpc) -------------------------------------------------
+    def ext_get_predictions(self, tag: str | None = None, req_ids: list[str] | None = None):
+        store = getattr(self, "ext_store", None)
+        return store.query(tag=tag, req_ids=req_ids) if store else {}
+
+
+def _make_capture_hook(buffer: torch.Tensor):
+    def hook(module, inputs, output):
+        stream = residual_stream(output)
+        buffer[: stream.shape[0]].copy_(stream)
+    return hook
