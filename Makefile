@@ -28,7 +28,7 @@ serve: install
 	$(VENV)/bin/vllm-ext serve $(ARGS)
 
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,54 @@
+"""Shared test setup: CPU engine environment, the embedded model, engine-job runner."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+_TMP = Path(tempfile.mkdtemp(prefix="vllm-ext-tests-"))
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_CACHE_ROOT", str(_TMP / "vllm-cache"))
+os.environ.setdefault("VLLM_EXT_CACHE", str(_TMP / "ext-cache"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def model_path() -> str:
+    """The embedded default model (trained asset if shipped, else a random tiny MoE)."""
+    from vllm_ext.testbed.model import default_model_path
+
+    return default_model_path()
+
+
+def run_engine_job(spec: dict, env: dict | None = None, timeout: int = 600) -> dict:
+    """Run tests/engine_job.py in a fresh process; return its JSON result."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "engine_job.py"), json.dumps(spec)],
+        capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    for line in proc.stdout.splitlines():
+        if line.startswith("ENGINE_JOB_RESULT "):
+            return json.loads(line[len("ENGINE_JOB_RESULT "):])
+    tail = (proc.stdout + proc.stderr)[-4000:]
+    raise AssertionError(f"engine job failed (rc={proc.returncode}):\n{tail}")
+
+
+def make_linear_probe(model_path: str, layer: int, out_path: Path, seed: int = 0):
+    """A probe with a known random linear map, bound to the model's fingerprint."""
+    import torch
+    from transformers import AutoConfig
+
+    from vllm_ext.probes.base import Probe, model_fingerprint, save_probe
+
+    config = AutoConfig.from_pretrained(model_path)
+    torch.manual_seed(seed)
+    module = torch.nn.Linear(config.hidden_size, 2)
+    probe = Probe(kind="test", layer=layer, output_names=["p0", "p1"], module=module,
+                  fingerprint=model_fingerprint(config), arch="linear")
+    save_probe(out_path, probe)
+    return probe

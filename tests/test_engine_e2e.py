@@ -1,0 +1,94 @@
+"""Engine-level e2e tests with the embedded model on the CPU (each engine in its own process).
+
+* `fcfs` through PredictiveScheduler equals stock vLLM: same completion order, same tokens,
+  on a seeded batch with staggered arrivals under KV-block pressure (preemptions happen).
+* `oracle` (SRPT on the true length from vllm_xargs) finishes short requests first under load.
+* A probe loaded into ProbeWorker yields per-request values that reach the scheduler and equal
+  the probe applied to hidden states computed independently by HF transformers.
+"""
+import pytest
+
+from conftest import make_linear_probe, run_engine_job
+
+pytestmark = pytest.mark.e2e
+
+PROMPTS = ["12+34=", "sort 3 1 2", "gcd 12 18", "hello", "count a in abca", "99-17=",
+           "7*6=", "lookup paris"]
+
+
+def _batch(true_len: bool = False):
+    reqs = []
+    for i, prompt in enumerate(PROMPTS):
+        n = [40, 12, 64, 8, 30, 50, 6, 24][i]
+        req = {"id": f"r{i}", "prompt": prompt, "max_tokens": n, "ignore_eos": True,
+               "after_step": [0, 0, 0, 2, 3, 5, 5, 9][i]}
+        if true_len:
+            req["xargs"] = {"ext_true_output_len": n}
+        reqs.append(req)
+    return reqs
+
+
+def test_fcfs_matches_stock_vllm(model_path):
+    common = {"model": model_path, "max_num_seqs": 4, "num_blocks": 6, "block_size": 32,
+              "max_model_len": 128, "requests": _batch()}
+    stock = run_engine_job({**common, "scheduler": "stock"})
+    ours = run_engine_job({**common, "scheduler": "ext", "worker": "ext",
+                           "ext": {"policy": "fcfs"}})
+    assert len(stock["finish_order"]) == len(PROMPTS)
+    assert ours["finish_order"] == stock["finish_order"]
+    assert ours["token_ids"] == stock["token_ids"]
+    assert ours["finish_step"] == stock["finish_step"]
+
+
+def test_oracle_finishes_short_requests_first(model_path):
+    longs = [{"id": f"long{i}", "prompt": f"long job {i}", "max_tokens": 60, "ignore_eos": True,
+              "xargs": {"ext_true_output_len": 60}} for i in range(3)]
+    shorts = [{"id": f"short{i}", "prompt": f"short {i}", "max_tokens": 4, "ignore_eos": True,
+               "xargs": {"ext_true_output_len": 4}, "after_step": 2} for i in range(3)]
+    common = {"model": model_path, "max_num_seqs": 2, "requests": longs + shorts,
+              "scheduler": "ext"}
+    fcfs = run_engine_job({**common, "ext": {"policy": "fcfs"}})
+    oracle = run_engine_job({**common, "ext": {"policy": "oracle"}})
+    for result in (fcfs, oracle):
+        assert sorted(result["finish_order"]) == sorted(r["id"] for r in longs + shorts)
+        assert all(len(result["token_ids"][r["id"]]) == r["max_tokens"] for r in longs + shorts)
+    # oracle: every short request finishes before any long one; fcfs: shorts wait behind longs
+    assert oracle["finish_order"][:3] == ["short0", "short1", "short2"]
+    assert fcfs["finish_order"][:2] == ["long0", "long1"]
+    mean = lambda res: sum(res["finish_step"][f"short{i}"] for i in range(3)) / 3  # noqa: E731
+    assert mean(oracle) < mean(fcfs) / 4
+
+
+def test_probe_values_reach_scheduler_and_match_hf(model_path, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    layer = 1
+    probe = make_linear_probe(model_path, layer, tmp_path / "probe.pt")
+    reqs = [{"id": "a", "prompt": "12+34=", "max_tokens": 6, "xargs": {"ext_tag": "ta"}},
+            {"id": "b", "prompt": "gcd 12 18 please", "max_tokens": 4, "xargs": {"ext_tag": "tb"}}]
+    result = run_engine_job(
+        {"model": model_path, "scheduler": "ext", "worker": "ext", "requests": reqs,
+         "ext": {"probe_paths": [str(tmp_path / "probe.pt")], "probe_history": True},
+         "rpc_tags": ["ta", "tb"], "inspect_scheduler": True},
+        env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    hf = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.bfloat16).eval()
+    for req in reqs:
+        (engine_id, entry), = result["predictions"][req["xargs"]["ext_tag"]].items()
+        history = torch.tensor([[h["p0"], h["p1"]] for h in entry["history"]])
+        prompt_ids = tok(req["prompt"]).input_ids
+        ids = prompt_ids + result["token_ids"][req["id"]]
+        with torch.no_grad():
+            hidden = hf(torch.tensor([ids]), output_hidden_states=True).hidden_states[layer + 1][0]
+        start = len(prompt_ids) - 1  # prefill row, then one row per decode step
+        expected = probe(hidden[start:start + req["max_tokens"]])
+        assert history.shape == expected.shape == (req["max_tokens"], 2)
+        scale = expected.abs().max().item()
+        assert torch.allclose(history, expected, atol=0.05 * scale), (history, expected)
+        # the scheduler saw the values the worker recorded, step by step (the snapshot is
+        # taken after each step, when a finished request is already gone: all but the last)
+        seen = result["scheduler_predictions"][engine_id]
+        assert seen == entry["history"][: len(seen)]
+        assert len(seen) == len(entry["history"]) - 1 and entry["values"] == entry["history"][-1]

@@ -1,0 +1,50 @@
+"""Packaging: namespaced subpackages, plugin entry point, vLLM version guard."""
+import importlib.metadata
+import subprocess
+import sys
+
+import pytest
+
+from vllm_ext.compat import UnsupportedVllmVersion, check_vllm_version
+
+
+def _run(code: str, cwd) -> str:
+    # Run outside the checkout: only what the installed distribution provides is importable.
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, cwd=cwd)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_no_top_level_kernels_or_server_package(tmp_path):
+    # `kernels` is a Hugging Face package name that transformers probes for.
+    code = ("import importlib.util as u; print([u.find_spec(n) is not None for n in "
+            "('kernels', 'server', 'probes', 'vllm_ext.kernels', 'vllm_ext.probes', 'vllm_ext.server')])")
+    assert _run(code, tmp_path) == "[False, False, False, True, True, True]"
+    assert "kernels" not in (importlib.metadata.packages_distributions())
+
+
+def test_transformers_does_not_see_our_kernels(tmp_path):
+    code = ("import transformers.utils as u; import vllm_ext.kernels; "
+            "print(u.is_kernels_available())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_plugin_entry_point_registered_and_idempotent():
+    eps = importlib.metadata.entry_points(group="vllm.general_plugins")
+    ep = next(e for e in eps if e.name == "vllm_ext")
+    register = ep.load()
+    register()
+    register()
+    import vllm_ext
+    assert vllm_ext._registered
+
+
+def test_version_guard():
+    assert check_vllm_version("0.32.0") == "0.32.0"
+    assert check_vllm_version("0.32.3+cpu") == "0.32.3+cpu"
+    with pytest.raises(UnsupportedVllmVersion, match="targets vLLM 0.32"):
+        check_vllm_version("0.33.0")
