@@ -1,0 +1,135 @@
+"""Server e2e: `vllm-ext serve` on loopback with the embedded model, driven by the openai client.
+
+One server for the module (startup ~30 s on CPU): oracle policy and a dummy probe loaded, so
+`/v1/ext/config` and predictions in responses have something to show.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from conftest import make_linear_probe
+
+pytestmark = pytest.mark.e2e
+MODEL = "tiny-moe-reasoner"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(model_path, tmp_path_factory):
+    probe_path = tmp_path_factory.mktemp("probe") / "probe.pt"
+    make_linear_probe(model_path, 1, probe_path)
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("log") / "server.log", "w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm_ext.cli", "serve", "--port", str(port), "--enforce-eager",
+         "--max-model-len", "512", "--ext-policy", "oracle", "--ext-probe", str(probe_path),
+         "--ext-probe-every", "2"],
+        stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            log.seek(0)
+            pytest.fail(f"server exited:\n{log.read()[-4000:]}")
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    else:
+        proc.kill()
+        pytest.fail("server did not become healthy in 300 s")
+    yield base
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key="none", max_retries=0)
+
+
+def test_ext_config_reports_policy(server):
+    data = httpx.get(server + "/v1/ext/config").json()
+    assert data["config"]["policy"] == "oracle"
+    assert data["scheduler_cls"].endswith("PredictiveScheduler")
+    assert data["worker_cls"].endswith("ProbeWorker")
+
+
+def test_completion_chat_stream_and_n2(client):
+    out = client.completions.create(model=MODEL, prompt="12+34=", max_tokens=8, temperature=0)
+    assert out.choices[0].finish_reason in ("length", "stop") and out.usage.completion_tokens > 0
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "7*6?"}], max_tokens=8)
+    assert chat.choices[0].message.role == "assistant"
+    pieces = list(client.completions.create(model=MODEL, prompt="99-17=", max_tokens=8,
+                                            stream=True, temperature=0))
+    streamed = "".join(p.choices[0].text for p in pieces if p.choices)
+    again = client.completions.create(model=MODEL, prompt="99-17=", max_tokens=8, temperature=0)
+    assert streamed == again.choices[0].text
+    chat_stream = list(client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=6, stream=True))
+    assert any(c.choices and c.choices[0].delta.content for c in chat_stream)
+    two = client.completions.create(model=MODEL, prompt="sort 3 1 2", max_tokens=6, n=2,
+                                    temperature=1.0, seed=1)
+    assert sorted(c.index for c in two.choices) == [0, 1]
+
+
+def test_predictions_in_responses(client):
+    xargs = {"vllm_xargs": {"ext_return_predictions": True}}
+    out = client.completions.create(model=MODEL, prompt="12+34=", max_tokens=5, extra_body=xargs)
+    preds = out.model_extra["vllm_ext"]["predictions"]
+    (entry,) = preds.values()
+    assert set(entry["values"]) == {"p0", "p1"} and entry["probe_runs"] >= 2
+    two = client.completions.create(model=MODEL, prompt="hello", max_tokens=5, n=2,
+                                    extra_body=xargs)
+    assert len(two.model_extra["vllm_ext"]["predictions"]) == 2
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=4, extra_body=xargs)
+    assert chat.model_extra["vllm_ext"]["predictions"]
+    chunks = list(client.completions.create(model=MODEL, prompt="hi", max_tokens=5, stream=True,
+                                            extra_body=xargs))
+    tagged = [c for c in chunks if (c.model_extra or {}).get("vllm_ext")]
+    assert len(tagged) == 1 and tagged[0] is chunks[-1]
+    plain = client.completions.create(model=MODEL, prompt="12+34=", max_tokens=3)
+    assert "vllm_ext" not in (plain.model_extra or {})
+
+
+@pytest.mark.parametrize("xargs, needle", [
+    ("not-an-object", "vllm_xargs must be a JSON object"),
+    ({"ext_true_output_len": -3}, "ext_true_output_len"),
+    ({"ext_bogus": 1}, "ext_bogus"),
+])
+def test_malformed_xargs_is_400_and_server_keeps_serving(client, server, xargs, needle):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL, prompt="1+1=", max_tokens=3,
+                                  extra_body={"vllm_xargs": xargs})
+    assert needle in str(err.value)
+    raw = httpx.post(server + "/v1/chat/completions", timeout=30, json={
+        "model": MODEL, "messages": [{"role": "user", "content": "a"}], "vllm_xargs": xargs})
+    assert raw.status_code == 400 and needle in json.dumps(raw.json())
+    ok = client.completions.create(model=MODEL, prompt="1+1=", max_tokens=3,
+                                   extra_body={"ignore_eos": True})
+    assert ok.usage.completion_tokens == 3
+
+
+def test_oracle_true_length_accepted(client):
+    out = client.completions.create(model=MODEL, prompt="5+5=", max_tokens=4,
+                                    extra_body={"vllm_xargs": {"ext_true_output_len": 4}})
+    assert out.usage.completion_tokens >= 1
