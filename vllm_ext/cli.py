@@ -135,6 +135,8 @@ USAGE = """usage: vllm-ext COMMAND [args]
 commands:
   serve [MODEL] [vllm serve flags] [--ext-* flags]
         serve MODEL (default: the embedded tiny MoE model) with vllm-ext active
+  bench serve|compare [args]
+        open-loop load generator / side-by-side comparison of server configurations
   build-default-model
         build the embedded default model now and print its path
 """
@@ -153,6 +155,9 @@ def main(argv: list[str] | None = None) -> None:
             print("All `vllm serve` flags are accepted as well.")
             return
         serve(rest)
+    elif command == "bench":
+        from vllm_ext.bench.cli import main as bench_main
+        bench_main(rest)
     elif command == "build-default-model":
         from vllm_ext.testbed.model import default_model_path
         print(default_model_path())

@@ -1,0 +1,71 @@
+"""Benchmark harness pieces without a server: arrivals, traces, metrics, tables."""
+import json
+
+import numpy as np
+import pytest
+
+from vllm_ext.bench.metrics import RequestRecord, summarize
+from vllm_ext.bench.report import ratio_table
+from vllm_ext.bench.workload import TraceError, arrival_times, parse_trace
+
+
+@pytest.mark.parametrize("process, cv", [("poisson", 1.0), ("gamma", 0.5), ("gamma", 2.0)])
+def test_arrival_rate_and_cv(process, cv):
+    t = arrival_times(20000, rate=5.0, seed=1, process=process, cv=cv)
+    gaps = np.diff(t)
+    assert t[0] == 0.0 and np.all(gaps >= 0)
+    assert abs(gaps.mean() - 0.2) < 0.2 * 0.03
+    assert abs(gaps.std() / gaps.mean() - cv) < 0.05 * cv
+
+
+def test_arrivals_deterministic_per_seed():
+    a = arrival_times(50, 2.0, seed=7)
+    assert np.array_equal(a, arrival_times(50, 2.0, seed=7))
+    assert not np.array_equal(a, arrival_times(50, 2.0, seed=8))
+
+
+def test_trace_parsing_and_bad_lines(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"arrival_s": 1.5, "prompt": "b", "max_tokens": 4, "kind": "x"}\n\n'
+                    '{"arrival_s": 0, "prompt": "a", "max_tokens": 8, "true_output_len": 3}\n')
+    reqs = parse_trace(good)
+    assert [r.prompt for r in reqs] == ["a", "b"] and reqs[0].true_output_len == 3
+    assert reqs[1].meta == {"kind": "x"}
+    for line, needle in [('{"arrival_s": 0, "prompt": "a"}', "max_tokens"),
+                         ('{"arrival_s": -1, "prompt": "a", "max_tokens": 1}', "arrival_s"),
+                         ("not json", "line"),
+                         ('{"arrival_s": 0, "prompt": "a", "max_tokens": 0}', "max_tokens"),
+                         ('[1, 2]', "JSON object")]:
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text('{"arrival_s": 0, "prompt": "ok", "max_tokens": 1}\n' + line + "\n")
+        with pytest.raises(TraceError, match=f"bad.jsonl:2: .*{needle}|bad.jsonl:2:"):
+            parse_trace(bad)
+        with pytest.raises(TraceError) as err:
+            parse_trace(bad)
+        assert ":2:" in str(err.value)
+
+
+def test_metrics_from_synthetic_timestamps():
+    recs = []
+    for i in range(4):
+        r = RequestRecord(index=i, arrival_s=i, ttft_s=0.1 * (i + 1), e2el_s=1.0 + i,
+                          output_tokens=11, prompt_tokens=5, itl_s=[0.05, 0.15])
+        recs.append(r)
+    recs.append(RequestRecord(index=9, arrival_s=9, error="HTTP 500"))
+    s = summarize(recs, duration_s=10.0)
+    assert s["completed"] == 4 and s["failed"] == 1
+    assert s["mean_ttft_ms"] == pytest.approx(250.0)
+    assert s["median_e2el_ms"] == pytest.approx(2500.0)
+    # TPOT = (e2el - ttft) / (tokens - 1), averaged
+    expected = np.mean([(1.0 + i - 0.1 * (i + 1)) / 10 for i in range(4)]) * 1000
+    assert s["mean_tpot_ms"] == pytest.approx(expected)
+    assert s["mean_itl_ms"] == pytest.approx(100.0)
+    assert s["output_throughput"] == pytest.approx(4.4)
+    json.dumps(s)
+
+
+def test_ratio_table_against_baseline():
+    rows = [{"config": "base", "rate": 1.0, "mean_e2el_ms": 200.0},
+            {"config": "new", "rate": 1.0, "mean_e2el_ms": 100.0}]
+    table = ratio_table(rows, "base")
+    assert "(0.50x)" in table and "(1.00x)" in table

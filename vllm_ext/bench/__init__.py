@@ -1,0 +1,1 @@
+"""Benchmark harness: workloads and arrivals, an open-loop load generator, comparisons."""

@@ -1,0 +1,127 @@
+"""`vllm-ext bench serve` and `vllm-ext bench compare`.
+
+serve:   one open-loop run against a running server; JSONL + summary JSON + table + PNG.
+compare: starts a server per configuration (ours with --ext-* flags, or stock vLLM), replays
+         the identical seeded arrivals against each, back to back, at each rate; prints every
+         metric with its ratio to the baseline configuration, writes a sweep plot.
+
+Example (the README's policy figure):
+  vllm-ext bench compare --config stock=stock: --config fcfs=ext:--ext-policy\\ fcfs \\
+      --baseline stock --rates 4 8 --num-requests 200 --out results/overhead
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from vllm_ext.bench import report
+from vllm_ext.bench.loadgen import run_load
+from vllm_ext.bench.workload import TraceError, parse_trace, testbed_requests
+
+
+def _workload_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trace", help="JSONL trace (arrival_s, prompt, max_tokens, ...); "
+                   "default: the testbed task suite at --rate")
+    p.add_argument("--num-requests", type=int, default=100)
+    p.add_argument("--rate", type=float, default=4.0, help="mean arrivals per second")
+    p.add_argument("--arrival", choices=("poisson", "gamma"), default="poisson")
+    p.add_argument("--cv", type=float, default=1.0, help="gamma arrivals: CV of the gaps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--warmup", type=int, default=0, help="leading requests left out of stats")
+    p.add_argument("--duration", type=float, help="send only requests arriving before this (s)")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--no-true-len", action="store_true",
+                   help="do not send ext_true_output_len (e.g. to non-vLLM servers)")
+    p.add_argument("--out", default="results/bench", help="output folder")
+
+
+def _requests(args, rate: float):
+    if args.trace:
+        try:
+            return parse_trace(args.trace)
+        except TraceError as exc:
+            sys.exit(f"vllm-ext bench: --trace: {exc}")
+    return testbed_requests(args.num_requests, rate, args.seed, args.arrival, args.cv,
+                            args.max_tokens)
+
+
+def _measure(base_url: str, model: str, args, rate: float):
+    reqs = _requests(args, rate)
+    records, wall = asyncio.run(run_load(
+        base_url, model, reqs, send_true_len=not args.no_true_len, ignore_eos=args.ignore_eos,
+        duration_s=args.duration))
+    from vllm_ext.bench.metrics import summarize
+    return records, summarize(records[args.warmup:], wall)
+
+
+def cmd_serve(args) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    records, summary = _measure(args.base_url, args.model, args, args.rate)
+    summary.update(label=args.label, rate=args.rate, base_url=args.base_url, argv=sys.argv)
+    report.write_records(out / f"{args.label}.jsonl", records)
+    (out / f"{args.label}.summary.json").write_text(json.dumps(summary, indent=2))
+    report.plot_cdfs(out / f"{args.label}.png", {args.label: records})
+    print(report.summary_table(summary, f"== {args.label} @ {args.rate} req/s =="))
+
+
+def cmd_compare(args) -> None:
+    from vllm_ext.bench.servers import running_server
+    from vllm_ext.testbed.model import default_model_path
+
+    model = args.model or default_model_path()
+    configs = []
+    for spec in args.config:
+        name, _, rest = spec.partition("=")
+        kind, _, extra = rest.partition(":")
+        if not name or kind not in ("stock", "ext"):
+            sys.exit(f"vllm-ext bench compare: --config {spec!r}: expected NAME=stock:FLAGS "
+                     "or NAME=ext:FLAGS")
+        configs.append((name, kind, extra))
+    if args.baseline not in [c[0] for c in configs]:
+        sys.exit(f"vllm-ext bench compare: --baseline {args.baseline!r} is not a --config name")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, runs = [], {}
+    for name, kind, extra in configs:
+        with running_server(kind, model, f"{args.server_args} {extra}",
+                            out / f"{name}.server.log") as base:
+            for rate in args.rates:
+                records, summary = _measure(base, "bench", args, rate)
+                rows.append({"config": name, "rate": rate, **summary})
+                runs[f"{name}@{rate}"] = records
+                report.write_records(out / f"{name}@{rate}.jsonl", records)
+                print(report.summary_table(summary, f"== {name} @ {rate} req/s =="), flush=True)
+    table = report.ratio_table(rows, args.baseline)
+    print("\n" + table)
+    (out / "compare.txt").write_text(" ".join(sys.argv) + "\n\n" + table + "\n")
+    (out / "compare.json").write_text(json.dumps({"argv": sys.argv, "rows": rows}, indent=2))
+    report.plot_cdfs(out / "cdf.png", runs)
+    report.plot_sweep(out / "sweep.png", rows)
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="vllm-ext bench")
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="one open-loop run against a running server")
+    s.add_argument("--base-url", default="http://127.0.0.1:8000")
+    s.add_argument("--model", default="tiny-moe-reasoner")
+    s.add_argument("--label", default="run")
+    _workload_args(s)
+    c = sub.add_parser("compare", help="same arrivals against several server configurations")
+    c.add_argument("--model", help="model path (default: the embedded model)")
+    c.add_argument("--config", action="append", required=True,
+                   help="NAME=stock:FLAGS or NAME=ext:FLAGS (repeatable)")
+    c.add_argument("--baseline", required=True)
+    c.add_argument("--rates", type=float, nargs="+", default=[4.0])
+    c.add_argument("--server-args", default="", help="flags for every server")
+    _workload_args(c)
+    args = parser.parse_args(argv)
+    for name in ("rate", "num_requests", "max_tokens"):
+        if getattr(args, name, 1) is not None and getattr(args, name, 1) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be > 0")
+    {"serve": cmd_serve, "compare": cmd_compare}[args.command](args)

@@ -1,0 +1,86 @@
+"""Tables and PNG plots for benchmark results (matplotlib, Agg backend)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vllm_ext.bench.metrics import RequestRecord
+
+TABLE_FIELDS = ("mean_e2el_ms", "median_e2el_ms", "p99_e2el_ms", "mean_ttft_ms",
+                "p99_ttft_ms", "mean_tpot_ms", "output_throughput")
+
+
+def summary_table(summary: dict, title: str = "") -> str:
+    lines = [title] if title else []
+    lines.append(f"completed {summary['completed']}  failed {summary['failed']}  "
+                 f"duration {summary['duration']:.1f} s  "
+                 f"req/s {summary['request_throughput']:.2f}  "
+                 f"out tok/s {summary['output_throughput']:.1f}")
+    lines.append(f"{'metric':<8}{'mean':>10}{'median':>10}{'p90':>10}{'p99':>10}  (ms)")
+    for name in ("ttft", "tpot", "itl", "e2el"):
+        vals = [summary.get(f"{k}_{name}_ms") for k in ("mean", "median", "p90", "p99")]
+        lines.append(f"{name:<8}" + "".join(f"{v:>10.1f}" if v is not None else f"{'-':>10}"
+                                            for v in vals))
+    return "\n".join(lines)
+
+
+def ratio_table(rows: list[dict], baseline: str) -> str:
+    """rows: {"config", "rate", **summary}; ratios are config / baseline at the same rate."""
+    base = {r["rate"]: r for r in rows if r["config"] == baseline}
+    head = f"{'config':<14}{'rate':>6}" + "".join(f"{f:>17}" for f in TABLE_FIELDS)
+    lines = [head]
+    for r in rows:
+        b = base.get(r["rate"])
+        cells = []
+        for f in TABLE_FIELDS:
+            v = r.get(f)
+            ratio = f" ({v / b[f]:.2f}x)" if b and v is not None and b.get(f) else ""
+            cells.append(f"{(f'{v:.1f}' if v is not None else '-') + ratio:>17}")
+        lines.append(f"{r['config']:<14}{r['rate']:>6.2f}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def write_records(path: Path, records: list[RequestRecord]) -> None:
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r.to_json()) + "\n")
+
+
+def plot_cdfs(path: Path, runs: dict[str, list[RequestRecord]]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for label, records in runs.items():
+        for ax, attr in zip(axes, ("e2el_s", "ttft_s")):
+            vals = np.sort([getattr(r, attr) for r in records if r.ok])
+            if vals.size:
+                ax.plot(vals, np.arange(1, vals.size + 1) / vals.size, label=label)
+    for ax, name in zip(axes, ("end-to-end latency (s)", "TTFT (s)")):
+        ax.set_xlabel(name)
+        ax.set_ylabel("fraction of requests")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_sweep(path: Path, rows: list[dict], metric: str = "mean_e2el_ms") -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for config in dict.fromkeys(r["config"] for r in rows):
+        pts = sorted((r["rate"], r[metric]) for r in rows if r["config"] == config and r[metric])
+        ax.plot([p[0] for p in pts], [p[1] / 1000 for p in pts], marker="o", label=config)
+    ax.set_xlabel("request rate (req/s)")
+    ax.set_ylabel(metric.replace("_ms", "") + " (s)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,62 @@
+"""Start and stop a server for one benchmark configuration (ours or stock vLLM) on loopback."""
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+STOCK = "stock"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_argv(kind: str, model: str, port: int, extra: str) -> list[str]:
+    """`kind` is "stock" (vLLM's own server, no plugin classes) or "ext" (vllm-ext serve)."""
+    common = [model, "--port", str(port), "--host", "127.0.0.1", "--served-model-name", "bench"]
+    if kind == STOCK:
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *common,
+                "--dtype", "bfloat16", *shlex.split(extra)]
+    return [sys.executable, "-m", "vllm_ext.cli", "serve", *common, *shlex.split(extra)]
+
+
+@contextlib.contextmanager
+def running_server(kind: str, model: str, extra: str, log_path: Path, timeout_s: float = 600):
+    port = free_port()
+    env = {**os.environ}
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    log = open(log_path, "w")
+    proc = subprocess.Popen(server_argv(kind, model, port, extra), stdout=log,
+                            stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}; see {log_path}")
+            if time.time() > deadline:
+                raise RuntimeError(f"server not healthy after {timeout_s} s; see {log_path}")
+            try:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
