@@ -137,6 +137,8 @@ commands:
         serve MODEL (default: the embedded tiny MoE model) with vllm-ext active
   bench serve|compare [args]
         open-loop load generator / side-by-side comparison of server configurations
+  simulate mg1|profile|replay|scale [args]
+        queueing simulator: closed-form checks, engine calibration, replay, scale study
   build-default-model
         build the embedded default model now and print its path
 """
@@ -158,6 +160,9 @@ def main(argv: list[str] | None = None) -> None:
     elif command == "bench":
         from vllm_ext.bench.cli import main as bench_main
         bench_main(rest)
+    elif command == "simulate":
+        from vllm_ext.sim.cli import main as sim_main
+        sim_main(rest)
     elif command == "build-default-model":
         from vllm_ext.testbed.model import default_model_path
         print(default_model_path())

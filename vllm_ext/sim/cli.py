@@ -1,0 +1,148 @@
+"""`vllm-ext simulate`: validation and what-if studies with the simulator.
+
+  mg1      simulator vs closed forms on one server (FCFS: Pollaczek-Khinchine; SRPT:
+           Schrage-Miller), a table at each load
+  profile  measure the live engine's step cost (writes the StepCost JSON the others use)
+  replay   simulate the exact requests of a `bench compare` run (arrival, prompt and output
+           tokens per request) with a profile, and put simulated next to measured latency
+  scale    many replicas behind a router at many rates (simulated only), table + PNG
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from vllm_ext.bench.workload import arrival_times
+from vllm_ext.sched.policy import make_policy
+from vllm_ext.sim.cluster import ROUTERS, latency_stats, simulate
+from vllm_ext.sim.queueing import mg1_fcfs_mean_response, mg1_srpt_mean_response
+from vllm_ext.sim.replica import ReplicaConfig, SimRequest, StepCost
+
+
+def _policy(name: str):
+    return lambda: make_policy(name, max_preemptions_per_request=10**9)
+
+
+def cmd_mg1(args) -> None:
+    dt, sizes = 0.01, np.arange(args.min_size, args.max_size + 1)
+    cfg = ReplicaConfig(max_num_seqs=1, recompute_on_preempt=False, cost=StepCost(dt, 0, 0))
+    print(f"M/G/1, job sizes uniform {args.min_size}..{args.max_size} steps of {dt}s, "
+          f"{args.jobs} jobs, seed {args.seed}")
+    print(f"{'rho':>5} {'policy':>7} {'closed (s)':>11} {'sim (s)':>9} {'sim/closed':>11}")
+    for rho in args.rho:
+        lam = rho / (sizes.mean() * dt)
+        out = np.random.default_rng(args.seed).choice(sizes, args.jobs)
+        t = arrival_times(args.jobs, lam, args.seed + 1)
+        reqs = [SimRequest(str(i), float(t[i]), 1, int(o), int(o)) for i, o in enumerate(out)]
+        for name, closed in (("fcfs", mg1_fcfs_mean_response), ("oracle", mg1_srpt_mean_response)):
+            sim = latency_stats(simulate(reqs, cfg, _policy(name)))["mean_e2el_s"]
+            c = closed(lam, sizes * dt)
+            print(f"{rho:>5.2f} {name:>7} {c:>11.3f} {sim:>9.3f} {sim / c:>11.3f}", flush=True)
+
+
+def cmd_profile(args) -> None:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm_ext.sim.profile import fit_step_cost, profile_engine, write_profile
+    from vllm_ext.testbed.model import default_model_path
+
+    model = args.model or default_model_path()
+    samples = profile_engine(model, enforce_eager=args.enforce_eager)
+    cost = write_profile(Path(args.out), model, samples)
+    print(f"step cost: {cost}  (fit mean relative error {fit_step_cost(samples)[1]:.1%}); "
+          f"wrote {args.out}")
+
+
+def cmd_replay(args) -> None:
+    from vllm_ext.sim.profile import load_profile
+
+    cost = load_profile(args.profile)
+    data = json.loads((Path(args.compare) / "compare.json").read_text())
+    cfg = ReplicaConfig(max_num_seqs=args.max_num_seqs,
+                        max_num_batched_tokens=args.max_num_batched_tokens, cost=cost)
+    print(f"{'config':<10}{'rate':>6}{'measured (s)':>14}{'simulated (s)':>15}{'sim/meas':>10}")
+    for row in data["rows"]:
+        policy = args.policy_of.get(row["config"], row["config"])
+        path = Path(args.compare) / f"{row['config']}@{row['rate']}.jsonl"
+        recs = [json.loads(line) for line in path.read_text().splitlines()]
+        recs = [r for r in recs if r["error"] is None][args.warmup:]
+        reqs = [SimRequest(str(r["index"]), r["arrival_s"], r["prompt_tokens"],
+                           max(1, r["output_tokens"]), max(1, r["output_tokens"])) for r in recs]
+        sim = latency_stats(simulate(reqs, cfg, _policy(policy)))["mean_e2el_s"]
+        meas = float(np.mean([r["e2el_s"] for r in recs]))
+        print(f"{row['config']:<10}{row['rate']:>6.2f}{meas:>14.3f}{sim:>15.3f}{sim / meas:>10.3f}")
+
+
+def cmd_scale(args) -> None:
+    from vllm_ext.bench.report import plot_sweep
+    from vllm_ext.sim.profile import load_profile
+
+    cost = load_profile(args.profile) if args.profile else StepCost()
+    cfg = ReplicaConfig(max_num_seqs=args.max_num_seqs, num_blocks=args.num_blocks,
+                        block_size=16, cost=cost)
+    rng = np.random.default_rng(args.seed)
+    rows = []
+    print(f"{'replicas':>8}{'rate':>8}{'policy':>8}{'mean e2e (s)':>14}{'p99 e2e (s)':>13}")
+    for n_rep in args.replicas:
+        for per_replica_rate in args.rates:
+            rate = per_replica_rate * n_rep
+            n = args.requests_per_replica * n_rep
+            t = arrival_times(n, rate, args.seed)
+            outs = rng.integers(args.min_out, args.max_out + 1, n)
+            prompts = rng.integers(16, 256, n)
+            reqs = [SimRequest(str(i), float(t[i]), int(p), int(o), int(o))
+                    for i, (p, o) in enumerate(zip(prompts, outs))]
+            for policy in args.policies:
+                st = latency_stats(simulate(reqs, cfg, _policy(policy), n_rep, args.router))
+                rows.append({"config": f"{policy} x{n_rep}", "rate": per_replica_rate,
+                             "mean_e2el_ms": st["mean_e2el_s"] * 1000,
+                             "p99_e2el_ms": st["p99_e2el_s"] * 1000})
+                print(f"{n_rep:>8}{rate:>8.1f}{policy:>8}{st['mean_e2el_s']:>14.3f}"
+                      f"{st['p99_e2el_s']:>13.3f}", flush=True)
+    if args.plot:
+        plot_sweep(Path(args.plot), rows)
+        print(f"wrote {args.plot} (SIMULATED)")
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="vllm-ext simulate")
+    sub = parser.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("mg1", help="simulator vs M/G/1 closed forms")
+    m.add_argument("--rho", type=float, nargs="+", default=[0.5, 0.8])
+    m.add_argument("--jobs", type=int, default=40000)
+    m.add_argument("--min-size", type=int, default=5)
+    m.add_argument("--max-size", type=int, default=100)
+    m.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("profile", help="measure the live engine's step cost")
+    p.add_argument("--model")
+    p.add_argument("--out", default="results/profile.json")
+    p.add_argument("--enforce-eager", action="store_true")
+    r = sub.add_parser("replay", help="simulate a bench compare run next to its measurements")
+    r.add_argument("--compare", required=True, help="output folder of `vllm-ext bench compare`")
+    r.add_argument("--profile", required=True)
+    r.add_argument("--max-num-seqs", type=int, default=256)
+    r.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    r.add_argument("--warmup", type=int, default=0)
+    r.add_argument("--policy-of", type=json.loads, default={"stock": "fcfs"},
+                   help='JSON map from config name to policy, e.g. {"stock": "fcfs"}')
+    s = sub.add_parser("scale", help="many replicas (simulated only)")
+    s.add_argument("--replicas", type=int, nargs="+", default=[8, 16, 32, 64])
+    s.add_argument("--rates", type=float, nargs="+", default=[2.0, 4.0],
+                   help="arrivals per second per replica")
+    s.add_argument("--policies", nargs="+", default=["fcfs", "oracle"])
+    s.add_argument("--router", choices=ROUTERS, default="least_loaded")
+    s.add_argument("--profile")
+    s.add_argument("--max-num-seqs", type=int, default=32)
+    s.add_argument("--num-blocks", type=int, default=4096)
+    s.add_argument("--requests-per-replica", type=int, default=200)
+    s.add_argument("--min-out", type=int, default=20)
+    s.add_argument("--max-out", type=int, default=300)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--plot")
+    args = parser.parse_args(argv)
+    {"mg1": cmd_mg1, "profile": cmd_profile, "replay": cmd_replay, "scale": cmd_scale}[
+        args.command](args)
