@@ -8,7 +8,7 @@ model, so a probe trained for one model is never silently applied to another.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,19 +47,23 @@ class Probe:
     module: nn.Module
     fingerprint: str
     arch: str
+    meta: dict = field(default_factory=dict)  # e.g. bins, {"output": "softmax"}, prompt model
 
     @torch.no_grad()
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.module(hidden.float())
+        out = self.module(hidden.float())
+        return out.softmax(-1) if self.meta.get("output") == "softmax" else out
 
 
 def save_probe(path: str | Path, probe: Probe, hidden: int = 512) -> None:
     first = next(probe.module.parameters())
+    if probe.arch == "mlp":
+        hidden = first.shape[0]
     torch.save({
         "format": FORMAT_VERSION, "kind": probe.kind, "layer": probe.layer,
         "output_names": list(probe.output_names), "fingerprint": probe.fingerprint,
         "arch": probe.arch, "d_in": first.shape[1], "d_out": len(probe.output_names),
-        "hidden": hidden, "state_dict": probe.module.state_dict(),
+        "hidden": hidden, "state_dict": probe.module.state_dict(), "meta": probe.meta,
     }, path)
 
 
@@ -81,4 +85,24 @@ def load_probe(path: str | Path, expected_fingerprint: str | None = None) -> Pro
     except Exception as exc:
         raise ProbeError(f"probe {path} has bad weights: {exc}") from exc
     return Probe(kind=blob["kind"], layer=int(blob["layer"]), output_names=list(blob["output_names"]),
-                 module=module.eval(), fingerprint=blob["fingerprint"], arch=blob["arch"])
+                 module=module.eval(), fingerprint=blob["fingerprint"], arch=blob["arch"],
+                 meta=dict(blob.get("meta") or {}))
+
+
+def shipped_probe_path(kind: str, fingerprint: str) -> Path | None:
+    """The probe shipped in the package for this model, if any (``{kind}-{fingerprint}.pt``)."""
+    import vllm_ext
+
+    path = Path(vllm_ext.__file__).resolve().parent / "assets" / "probes" / f"{kind}-{fingerprint}.pt"
+    return path if path.exists() else None
+
+
+def resolve_probe_paths(ext_config: Any, hf_config: Any) -> list[str]:
+    """The probe files an engine loads: the explicit ones, else the shipped length probe
+    when the policy refines on it (`trail`)."""
+    if ext_config.probe_paths:
+        return list(ext_config.probe_paths)
+    if ext_config.policy == "trail":
+        path = shipped_probe_path("length", model_fingerprint(hf_config))
+        return [str(path)] if path else []
+    return []

@@ -69,7 +69,8 @@ def test_probe_values_reach_scheduler_and_match_hf(model_path, tmp_path):
             {"id": "b", "prompt": "gcd 12 18 please", "max_tokens": 4, "xargs": {"ext_tag": "tb"}}]
     result = run_engine_job(
         {"model": model_path, "scheduler": "ext", "worker": "ext", "requests": reqs,
-         "ext": {"probe_paths": [str(tmp_path / "probe.pt")], "probe_history": True},
+         "ext": {"probe_paths": [str(tmp_path / "probe.pt")], "probe_history": True,
+                 "probe_every": 1},
          "rpc_tags": ["ta", "tb"], "inspect_scheduler": True},
         env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
 

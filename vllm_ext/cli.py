@@ -32,9 +32,15 @@ def ext_arg_parser() -> argparse.ArgumentParser:
                    help="a waiting request preempts only if its remaining + margin < the victim's")
     g.add_argument("--ext-max-preemptions-per-request", type=int, default=4)
     g.add_argument("--ext-max-preemptions-per-step", type=int, default=1)
+    g.add_argument("--ext-trail-preempt-fraction", type=float, default=0.8, metavar="C",
+                   help="trail: a running request is preemptible only while generated <= "
+                        "C x its initial prediction")
+    g.add_argument("--ext-no-trail-smoothing", action="store_true",
+                   help="trail: use each probe output as is (no Bayesian smoothing)")
     g.add_argument("--ext-probe", action="append", default=[], metavar="FILE",
                    help="probe file to load into the ProbeWorker (repeatable)")
-    g.add_argument("--ext-probe-every", type=int, default=1, help="run probes every k steps")
+    g.add_argument("--ext-probe-every", type=int, default=8,
+                   help="run probes every k steps (always at the end of prefill)")
     g.add_argument("--ext-probe-history", action="store_true",
                    help="keep every probe value per request (capture/debug)")
     g.add_argument("--ext-moe-router", choices=MOE_ROUTERS, default="topk")
@@ -48,6 +54,8 @@ def ext_config_from_args(ns: argparse.Namespace) -> ExtConfig:
         "preemption_margin": ns.ext_preemption_margin,
         "max_preemptions_per_request": ns.ext_max_preemptions_per_request,
         "max_preemptions_per_step": ns.ext_max_preemptions_per_step,
+        "trail_preempt_fraction": ns.ext_trail_preempt_fraction,
+        "trail_smoothing": not ns.ext_no_trail_smoothing,
         "probe_paths": [os.path.abspath(p) for p in ns.ext_probe],
         "probe_every": ns.ext_probe_every,
         "probe_history": ns.ext_probe_history,
@@ -137,6 +145,8 @@ commands:
         serve MODEL (default: the embedded tiny MoE model) with vllm-ext active
   bench serve|compare [args]
         open-loop load generator / side-by-side comparison of server configurations
+  train-probe --kind length [--model PATH] [--prompts FILE] --out FILE
+        collect hidden states through vLLM and train a probe (TRAIL length)
   simulate mg1|profile|replay|scale [args]
         queueing simulator: closed-form checks, engine calibration, replay, scale study
   build-default-model
@@ -160,6 +170,9 @@ def main(argv: list[str] | None = None) -> None:
     elif command == "bench":
         from vllm_ext.bench.cli import main as bench_main
         bench_main(rest)
+    elif command == "train-probe":
+        from vllm_ext.probes.cli import main as train_probe_main
+        train_probe_main(rest)
     elif command == "simulate":
         from vllm_ext.sim.cli import main as sim_main
         sim_main(rest)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 CONFIG_KEY = "vllm_ext"
-POLICIES = ("fcfs", "oracle")
+POLICIES = ("fcfs", "oracle", "trail", "spjf")
 MOE_ROUTERS = ("topk",)
 KV_BITS = (16,)
 
@@ -33,11 +33,14 @@ class ExtConfig:
     preemption_margin: float = 0.0
     max_preemptions_per_request: int = 4
     max_preemptions_per_step: int = 1
+    trail_preempt_fraction: float = 0.8
+    trail_smoothing: bool = True
     # Prediction channel (ProbeWorker)
     probe_paths: tuple[str, ...] = ()
     probe_layer: int | None = None
-    probe_every: int = 1
+    probe_every: int = 8
     probe_history: bool = False
+    capture_layers: tuple[int, ...] = ()
     # Placeholders for the capability issues (validated, so typos fail early)
     moe_router: str = "topk"
     kv_bits: int = 16
@@ -51,6 +54,7 @@ class ExtConfig:
         _check_range("max_preemptions_per_request", self.max_preemptions_per_request, 0)
         _check_range("max_preemptions_per_step", self.max_preemptions_per_step, 0)
         _check_range("probe_every", self.probe_every, 1)
+        _check_range("trail_preempt_fraction", self.trail_preempt_fraction, 0.0)
         if self.probe_layer is not None:
             _check_range("probe_layer", self.probe_layer, 0)
 
@@ -64,11 +68,18 @@ class ExtConfig:
             raise ExtConfigError(
                 f"unknown vllm_ext setting(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}"
             )
+        if "capture_layers" in data:
+            layers = data["capture_layers"]
+            if not isinstance(layers, (list, tuple)) or not all(
+                    isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers):
+                raise ExtConfigError(f"{flag_name('capture_layers')}: expected a list of "
+                                     f"layer indices >= 0, got {layers!r}")
+            data["capture_layers"] = tuple(layers)
         if "probe_paths" in data:
             paths = data["probe_paths"]
             data["probe_paths"] = tuple([paths] if isinstance(paths, str) else paths)
         for f in dataclasses.fields(cls):
-            if f.name in data and f.name != "probe_paths":
+            if f.name in data and f.name not in ("probe_paths", "capture_layers"):
                 data[f.name] = _coerce(f.name, data[f.name], f.default)
         return cls(**data)
 
@@ -76,6 +87,7 @@ class ExtConfig:
         out = dataclasses.asdict(self)
         out.pop("extra")
         out["probe_paths"] = list(self.probe_paths)
+        out["capture_layers"] = list(self.capture_layers)
         return out
 
     def to_additional_config(self) -> str:

@@ -24,7 +24,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
 from vllm_ext.config import ExtConfig
-from vllm_ext.sched.policy import TRUE_LEN_KEY, FcfsPolicy, RequestView, make_policy
+from vllm_ext.sched.policy import TRUE_LEN_KEY, FcfsPolicy, Policy, RequestView, make_policy
 
 logger = init_logger(__name__)
 
@@ -33,11 +33,7 @@ class PredictiveScheduler(Scheduler):
     def __init__(self, vllm_config, *args, **kwargs) -> None:
         super().__init__(vllm_config, *args, **kwargs)
         self.ext_config = ExtConfig.from_vllm_config(vllm_config)
-        self.ext_policy = make_policy(
-            self.ext_config.policy,
-            margin=self.ext_config.preemption_margin,
-            max_preemptions_per_request=self.ext_config.max_preemptions_per_request,
-        )
+        self.ext_policy = build_policy(self.ext_config, vllm_config.model_config.hf_config)
         self.ext_predictions: dict[str, dict[str, float]] = {}
         self.ext_num_policy_preemptions = 0
         if self.ext_policy.reorders and not isinstance(self.waiting, FCFSRequestQueue):
@@ -46,6 +42,12 @@ class PredictiveScheduler(Scheduler):
         logger.info("vllm-ext PredictiveScheduler: policy=%s", self.ext_policy.name)
 
     # ---- vLLM hooks ------------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        on_arrival = getattr(self.ext_policy, "on_arrival", None)
+        if on_arrival is not None:
+            self._guard(on_arrival, request.request_id, request.prompt_token_ids or [])
+        super().add_request(request)
+
     def schedule(self, *args, **kwargs):
         if self.ext_policy.reorders:
             try:
@@ -60,11 +62,27 @@ class PredictiveScheduler(Scheduler):
         values = getattr(model_runner_output, "probe_values", None)
         if values:
             self.ext_predictions.update(values)
+            observe = getattr(self.ext_policy, "observe", None)
+            for req_id, vals in values.items() if observe else ():
+                request = self.requests.get(req_id)
+                if request is not None:  # generated count before this step's token
+                    self._guard(observe, req_id, vals, request.num_output_tokens)
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         if len(self.ext_predictions) > len(self.requests):
+            forget = getattr(self.ext_policy, "forget", None)
             for req_id in [r for r in self.ext_predictions if r not in self.requests]:
                 del self.ext_predictions[req_id]
+                if forget:
+                    forget(req_id)
         return outputs
+
+    def _guard(self, fn, *args) -> None:
+        try:
+            fn(*args)
+        except Exception:
+            logger.exception("vllm-ext: policy %s failed; falling back to FCFS",
+                             self.ext_policy.name)
+            self.ext_policy = FcfsPolicy()
 
     # ---- policy application ----------------------------------------------------------------
     def view(self, request: Request) -> RequestView:
@@ -120,3 +138,31 @@ class PredictiveScheduler(Scheduler):
         logger.debug("vllm-ext: %s preempted %s for %s", self.ext_policy.name,
                      victim.request_id, candidate.request_id)
         return True
+
+
+def build_policy(ext: ExtConfig, hf_config) -> Policy:
+    """The policy object for this engine; a TRAIL policy without a usable length probe falls
+    back to FCFS with a warning (the engine keeps serving)."""
+    common = dict(margin=ext.preemption_margin,
+                  max_preemptions_per_request=ext.max_preemptions_per_request)
+    if ext.policy not in ("trail", "spjf"):
+        return make_policy(ext.policy, **common)
+    from vllm_ext.probes.base import load_probe, model_fingerprint, resolve_probe_paths
+    from vllm_ext.sched.trail import LengthBins, PromptModel, TrailPolicy
+
+    lookup = ext if ext.probe_paths else ExtConfig.from_dict({**ext.to_dict(), "policy": "trail"})
+    try:
+        fingerprint = model_fingerprint(hf_config)
+        probes = [load_probe(p, fingerprint) for p in resolve_probe_paths(lookup, hf_config)]
+        length = next(p for p in probes if p.kind == "length")
+    except (StopIteration, Exception) as exc:
+        logger.warning("vllm-ext: policy %s needs a length probe for this model (%s); "
+                       "falling back to FCFS. Train one with `vllm-ext train-probe`.",
+                       ext.policy, str(exc) or "no length probe found")
+        return FcfsPolicy()
+    prompt = length.meta.get("prompt_model")
+    return TrailPolicy(bins=LengthBins(tuple(length.meta["bin_edges"])),
+                       prompt_model=PromptModel(tuple(prompt["coef"]), prompt["buckets"])
+                       if prompt else None,
+                       preempt_fraction=ext.trail_preempt_fraction,
+                       smoothing=ext.trail_smoothing, refine=ext.policy == "trail", **common)

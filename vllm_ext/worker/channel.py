@@ -56,3 +56,36 @@ class PredictionStore:
                 if self.keep_history:
                     out[req_id]["history"] = list(entry.history)
         return out
+
+
+class CaptureLog:
+    """Capture mode: per request, the hidden rows of the captured layers at every step, in
+    order (row 0 = last prompt token at the end of prefill, row j = decode step j)."""
+
+    def __init__(self, layers) -> None:
+        self.layers = tuple(layers)
+        self.rows: dict[str, list] = {}
+
+    def add(self, req_ids: list[str], stacked) -> None:
+        for i, req_id in enumerate(req_ids):
+            self.rows.setdefault(req_id, []).append(stacked[i])
+
+    def drain(self) -> dict:
+        """Rows as raw float16 bytes + shape: RPC results are msgpack-encoded without type
+        hints, so tensors would not come back as tensors."""
+        import torch
+
+        out = {"layers": list(self.layers), "rows": {}}
+        for req_id, rows in self.rows.items():
+            t = torch.stack(rows).to(torch.float16).contiguous()
+            out["rows"][req_id] = {"shape": list(t.shape), "data": t.numpy().tobytes()}
+        self.rows = {}
+        return out
+
+
+def decode_rows(entry: dict):
+    import numpy as np
+    import torch
+
+    arr = np.frombuffer(entry["data"], dtype=np.float16).reshape(entry["shape"])
+    return torch.from_numpy(arr.copy())

@@ -8,6 +8,8 @@ tensor-only and is traced into compiled graphs as well as eager ones. After each
 the worker takes the last scheduled token's row of every request, runs the probes (every
 ``probe_every`` steps, and always for a request that has no prediction yet, i.e. at the end of
 its prefill) and
+  * in capture mode (``capture_layers``), records those layers' rows per request and step for
+    probe training (drained with ``collective_rpc("ext_drain_capture")``);
   * attaches ``{req_id: {name: value}}`` to the step's output as ``probe_values`` for the
     scheduler (``PredictiveScheduler.update_from_output``);
   * keeps the latest values in a `PredictionStore` that the server reads over
@@ -22,8 +24,9 @@ from vllm.logger import init_logger
 from vllm.platforms import current_platform
 
 from vllm_ext.config import ExtConfig
-from vllm_ext.probes.base import Probe, ProbeError, load_probe, model_fingerprint
-from vllm_ext.worker.channel import PredictionStore
+from vllm_ext.probes.base import (Probe, ProbeError, load_probe, model_fingerprint,
+                                  resolve_probe_paths)
+from vllm_ext.worker.channel import CaptureLog, PredictionStore
 
 logger = init_logger(__name__)
 
@@ -58,33 +61,41 @@ class ProbeWorker(_BaseWorker):
         self.ext_store = PredictionStore(keep_history=self.ext_config.probe_history)
         self.ext_step = 0
         self.ext_probes, self.ext_buffers = [], {}
+        self.ext_capture = CaptureLog(self.ext_config.capture_layers)
         try:
             self._load_probes()
+            self._hook_layers({p.layer for p in self.ext_probes} | set(self.ext_capture.layers))
         except Exception as exc:  # never take the engine down for a probe
             logger.warning("vllm-ext: probes disabled, policies fall back to baseline: %s", exc)
             self.ext_probes, self.ext_buffers = [], {}
+            self.ext_capture = CaptureLog(())
 
     def _load_probes(self) -> None:
-        if not self.ext_config.probe_paths:
+        hf_config = self.vllm_config.model_config.hf_config
+        paths = resolve_probe_paths(self.ext_config, hf_config)
+        if not paths:
             return
-        fingerprint = model_fingerprint(self.vllm_config.model_config.hf_config)
-        probes = [load_probe(p, fingerprint) for p in self.ext_config.probe_paths]
-        model = self.model_runner.get_model()
-        layers = decoder_layers(model)
+        fingerprint = model_fingerprint(hf_config)
+        self.ext_probes = [load_probe(p, fingerprint) for p in paths]
+        logger.info("vllm-ext ProbeWorker: %d probe(s) on layer(s) %s, every %d step(s)",
+                    len(self.ext_probes), sorted({p.layer for p in self.ext_probes}),
+                    self.ext_config.probe_every)
+
+    def _hook_layers(self, wanted: set[int]) -> None:
+        if not wanted:
+            return
+        layers = decoder_layers(self.model_runner.get_model())
         hidden = self.vllm_config.model_config.get_hidden_size()
         rows = self.vllm_config.scheduler_config.max_num_batched_tokens
-        for layer in sorted({p.layer for p in probes}):
+        for layer in sorted(wanted):
             if not 0 <= layer < len(layers):
                 raise ProbeError(f"probe layer {layer} out of range (model has {len(layers)})")
             buf = torch.zeros(rows, hidden, dtype=torch.float32, device=self.device)
             layers[layer].register_forward_hook(_make_capture_hook(buf))
             self.ext_buffers[layer] = buf
-        self.ext_probes = probes
-        logger.info("vllm-ext ProbeWorker: %d probe(s) on layer(s) %s, every %d step(s)",
-                    len(probes), sorted(self.ext_buffers), self.ext_config.probe_every)
 
     def execute_model(self, scheduler_output):
-        if not self.ext_probes:
+        if not self.ext_buffers:
             return super().execute_model(scheduler_output)
         for new in scheduler_output.scheduled_new_reqs:
             params = new.sampling_params
@@ -93,11 +104,34 @@ class ProbeWorker(_BaseWorker):
         self.ext_pending = None
         if scheduler_output.total_num_scheduled_tokens > 0:
             try:
-                self.ext_pending = self._run_probes()
+                if self.ext_capture.layers:
+                    self._capture()
+                if self.ext_probes:
+                    self.ext_pending = self._run_probes()
             except Exception:
                 logger.exception("vllm-ext: probe failed; disabling probes")
                 self.ext_probes = []
         return self._attach(output)
+
+    def _last_token_rows(self) -> tuple[list[str], torch.Tensor]:
+        runner = self.model_runner
+        num_reqs = runner.input_batch.num_reqs
+        rows = runner.query_start_loc.cpu[1:num_reqs + 1].long() - 1
+        return list(runner.input_batch.req_ids[:num_reqs]), rows
+
+    def _capture(self) -> None:
+        req_ids, rows = self._last_token_rows()
+        stacked = torch.stack([self.ext_buffers[layer][rows.to(self.device)]
+                               for layer in self.ext_capture.layers], dim=1)
+        self.ext_capture.add(req_ids, stacked.to(torch.float16).cpu())
+
+    def ext_drain_capture(self) -> dict:
+        """Capture mode (data collection): every recorded row since the last call, keyed by
+        the request's ``ext_tag`` when it has one (engine ids carry random suffixes)."""
+        out = self.ext_capture.drain()
+        tags = {r: e.tag for r, e in self.ext_store.entries.items() if e.tag}
+        out["rows"] = {tags.get(r, r): v for r, v in out["rows"].items()}
+        return out
 
     def sample_tokens(self, *args, **kwargs):
         return self._attach(super().sample_tokens(*args, **kwargs))
@@ -119,10 +153,7 @@ class ProbeWorker(_BaseWorker):
         return output
 
     def _run_probes(self) -> dict[str, dict[str, float]]:
-        runner = self.model_runner
-        num_reqs = runner.input_batch.num_reqs
-        req_ids = runner.input_batch.req_ids[:num_reqs]
-        rows = runner.query_start_loc.cpu[1:num_reqs + 1].long() - 1
+        req_ids, rows = self._last_token_rows()
         self.ext_step += 1
         if self.ext_step % self.ext_config.probe_every != 0:
             pick = [i for i, r in enumerate(req_ids) if not self.ext_store.has(r)]

@@ -1,0 +1,165 @@
+"""TRAIL (arXiv 2410.01035): SRPT on predicted remaining length with limited preemption.
+
+Predictions per request:
+  * before prefill: the prompt-only predictor (ridge on hashed prompt-token counts, shipped in
+    the length-probe file) gives an initial total length, counted down per generated token;
+  * from the end of prefill: the length probe on the model's own hidden state gives a
+    distribution over remaining-length bins every k decode steps; between refinements the
+    estimate counts down by one per token. With Bayesian smoothing (default on) the new
+    distribution is combined with the previous one moved forward: prior = T^s q, where T
+    shifts mass one bin down with probability 1/bin-width per generated token, and
+    posterior ∝ prior ⊙ p. The prediction is the expected value over bin midpoints.
+Scheduling (policy `trail`): waiting ordered by predicted remaining (ties by arrival); a
+running request is preemptible only while generated <= c x its initial prediction, never
+after; a waiting request preempts the preemptible running request with the largest prediction
+if its own prediction + margin is smaller, at most `max_preemptions_per_request` times per
+victim. Policy `spjf` is the ablation: prompt-only prediction, never refined.
+Pure python + numpy: the engine adapter and the simulator use the same objects.
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from vllm_ext.sched.policy import RequestView, SrptPolicy
+
+
+@dataclass(frozen=True)
+class LengthBins:
+    edges: tuple[float, ...]                    # K + 1 increasing edges, first 0
+
+    @property
+    def midpoints(self) -> np.ndarray:
+        e = np.asarray(self.edges)
+        return (e[:-1] + e[1:]) / 2
+
+    @property
+    def widths(self) -> np.ndarray:
+        return np.diff(np.asarray(self.edges))
+
+    def index(self, remaining) -> np.ndarray:
+        k = len(self.edges) - 1
+        return np.clip(np.searchsorted(self.edges, remaining, side="right") - 1, 0, k - 1)
+
+    @classmethod
+    def make(cls, lengths, k: int = 10, mode: str = "quantile", max_len: float | None = None):
+        lengths = np.asarray(lengths, dtype=float)
+        top = float(max_len or lengths.max() + 1)
+        if mode == "equal":
+            edges = np.linspace(0, top, k + 1)
+        elif mode == "quantile":
+            inner = np.quantile(lengths, np.linspace(0, 1, k + 1)[1:-1])
+            edges = np.unique(np.concatenate([[0.0], np.maximum.accumulate(inner), [top]]))
+        else:
+            raise ValueError(f"unknown bin mode {mode!r} (equal, quantile)")
+        return cls(tuple(float(x) for x in edges))
+
+
+def shift_down(q: np.ndarray, widths: np.ndarray, steps: int) -> np.ndarray:
+    """T^steps q: per token, mass in bin i moves to bin i-1 with probability 1/width_i."""
+    move = 1.0 / np.maximum(widths, 1.0)
+    for _ in range(max(0, steps)):
+        out = q * (1 - move)
+        out[:-1] += q[1:] * move[1:]
+        out[0] += q[0] * move[0]            # bin 0 absorbs
+        q = out
+    return q
+
+
+@dataclass
+class RemainingTracker:
+    bins: LengthBins
+    smoothing: bool = True
+    q: np.ndarray | None = None
+    generated_at: int = 0
+    initial: float | None = None
+
+    def observe(self, probs, generated: int) -> None:
+        p = np.asarray(probs, dtype=float)
+        p = p / p.sum() if p.sum() > 0 else np.full_like(p, 1 / p.size)
+        if self.q is not None and self.smoothing:
+            prior = shift_down(self.q, self.bins.widths, generated - self.generated_at)
+            post = prior * p
+            p = post / post.sum() if post.sum() > 1e-12 else p
+        self.q, self.generated_at = p, generated
+        if self.initial is None:
+            self.initial = self.expected()
+
+    def expected(self) -> float:
+        return float(self.q @ self.bins.midpoints)
+
+    def remaining(self, generated: int) -> float:
+        return max(1.0, self.expected() - (generated - self.generated_at))
+
+
+@dataclass(frozen=True)
+class PromptModel:
+    """Prompt-only length predictor: ridge on [1, log1p(prompt len), hashed token counts]."""
+    coef: tuple[float, ...]
+    buckets: int = 64
+
+    @staticmethod
+    def features(prompt_ids, buckets: int = 64) -> np.ndarray:
+        x = np.zeros(buckets + 2)
+        x[0], x[1] = 1.0, np.log1p(len(prompt_ids))
+        for t in prompt_ids:
+            x[2 + zlib.crc32(int(t).to_bytes(4, "little")) % buckets] += 1.0
+        x[2:] /= max(1, len(prompt_ids))
+        return x
+
+    def predict(self, prompt_ids) -> float:
+        return max(1.0, float(self.features(prompt_ids, self.buckets) @ np.asarray(self.coef)))
+
+
+@dataclass
+class TrailPolicy(SrptPolicy):
+    bins: LengthBins | None = None
+    prompt_model: PromptModel | None = None
+    preempt_fraction: float = 0.8      # c: preemptible while generated <= c * initial
+    smoothing: bool = True
+    refine: bool = True                # False = spjf (prompt-only, no refinement)
+    prompt_pred: dict[str, float] = field(default_factory=dict)
+    trackers: dict[str, RemainingTracker] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return "trail" if self.refine else "spjf"
+
+    def on_arrival(self, request_id: str, prompt_ids) -> None:
+        if self.prompt_model is not None:
+            self.prompt_pred[request_id] = self.prompt_model.predict(prompt_ids)
+
+    def observe(self, request_id: str, values: dict, generated: int) -> None:
+        if not self.refine or self.bins is None:
+            return
+        k = len(self.bins.edges) - 1
+        probs = [values.get(f"bin{i}", 0.0) for i in range(k)]
+        tracker = self.trackers.get(request_id)
+        if tracker is None:
+            tracker = self.trackers[request_id] = RemainingTracker(self.bins, self.smoothing)
+        tracker.observe(probs, generated)
+
+    def forget(self, request_id: str) -> None:
+        self.prompt_pred.pop(request_id, None)
+        self.trackers.pop(request_id, None)
+
+    def initial(self, view: RequestView) -> float:
+        tracker = self.trackers.get(view.request_id)
+        if tracker is not None and tracker.initial is not None:
+            return tracker.initial
+        return self.prompt_pred.get(view.request_id, float("inf"))
+
+    def remaining(self, view: RequestView) -> float:
+        tracker = self.trackers.get(view.request_id)
+        if tracker is not None:
+            return tracker.remaining(view.num_output_tokens)
+        total = self.prompt_pred.get(view.request_id)
+        if total is None:
+            return float("inf")
+        return max(1.0, total - view.num_output_tokens)
+
+    def preemptible(self, view: RequestView) -> bool:
+        return (super().preemptible(view)
+                and view.num_output_tokens <= self.preempt_fraction * self.initial(view))
