@@ -22,6 +22,10 @@ class ProbeError(RuntimeError):
     """A probe file that cannot be used (missing, corrupt, or for another model)."""
 
 
+class ProbeModelMismatch(ProbeError):
+    """A valid probe file trained for a different model."""
+
+
 def model_fingerprint(hf_config: Any) -> str:
     """Identity of a model architecture + vocabulary, from its HF config."""
     fields = [getattr(hf_config, "model_type", "?")]
@@ -75,7 +79,7 @@ def load_probe(path: str | Path, expected_fingerprint: str | None = None) -> Pro
     if not isinstance(blob, dict) or blob.get("format") != FORMAT_VERSION:
         raise ProbeError(f"{path} is not a vllm-ext probe file (format {FORMAT_VERSION})")
     if expected_fingerprint is not None and blob["fingerprint"] != expected_fingerprint:
-        raise ProbeError(
+        raise ProbeModelMismatch(
             f"probe {path} was trained for model fingerprint {blob['fingerprint']}, "
             f"but the served model is {expected_fingerprint}; retrain it with "
             f"`vllm-ext train-probe` on this model")

@@ -33,7 +33,9 @@ def run_engine_job(spec: dict, env: dict | None = None, timeout: int = 600) -> d
         capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
     for line in proc.stdout.splitlines():
         if line.startswith("ENGINE_JOB_RESULT "):
-            return json.loads(line[len("ENGINE_JOB_RESULT "):])
+            result = json.loads(line[len("ENGINE_JOB_RESULT "):])
+            result["_log"] = proc.stdout + proc.stderr
+            return result
     tail = (proc.stdout + proc.stderr)[-4000:]
     raise AssertionError(f"engine job failed (rc={proc.returncode}):\n{tail}")
 

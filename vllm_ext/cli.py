@@ -13,7 +13,8 @@ import json
 import os
 import sys
 
-from vllm_ext.config import KV_BITS, MOE_ROUTERS, POLICIES, ExtConfig, ExtConfigError
+from vllm_ext.config import KV_BITS, KV_PARTITIONS, MOE_ROUTERS, POLICIES, ExtConfig, ExtConfigError
+from vllm_ext.config import parse_laser_bands
 
 SCHEDULER_CLS = "vllm_ext.sched.scheduler.PredictiveScheduler"
 WORKER_CLS = "vllm_ext.worker.probe_worker.ProbeWorker"
@@ -43,9 +44,40 @@ def ext_arg_parser() -> argparse.ArgumentParser:
                    help="run probes every k steps (always at the end of prefill)")
     g.add_argument("--ext-probe-history", action="store_true",
                    help="keep every probe value per request (capture/debug)")
-    g.add_argument("--ext-moe-router", choices=MOE_ROUTERS, default="topk")
-    g.add_argument("--ext-kv-bits", type=int, choices=KV_BITS, default=16)
+    g.add_argument("--ext-moe-router", choices=MOE_ROUTERS, default="topk",
+                   help="MoE routing: topk = vLLM's own, laser = load-aware LASER, "
+                        "least_loaded = evaluation baseline (docs/laser.md)")
+    _add_laser_flags(g)
+    g.add_argument("--ext-kv-bits", type=int, choices=KV_BITS, default=16,
+                   help="KV cache bits; 8/4/2 = HACK attention on quantized KV (16 = stock)")
+    g.add_argument("--ext-kv-partition", type=int, choices=KV_PARTITIONS, default=64,
+                   metavar="PI", help="HACK: tokens per K quantization partition "
+                                      "(must divide --block-size)")
     return p
+
+
+def _add_laser_flags(g) -> None:
+    d = ExtConfig  # defaults live in ExtConfig
+    g.add_argument("--ext-laser-eps-high", type=float, default=d.laser_eps_high,
+                   help="LASER: a token whose top-k gate mass is >= this keeps plain top-k")
+    g.add_argument("--ext-laser-entropy-max", type=float, default=d.laser_entropy_max,
+                   help="LASER: ... or whose normalised gate entropy is <= this (0 = off)")
+    g.add_argument("--ext-laser-pool-threshold", type=float, default=d.laser_pool_threshold,
+                   help="LASER: pool = experts with score >= (1 - this) * best score")
+    g.add_argument("--ext-laser-pool-max", type=int, default=d.laser_pool_max,
+                   help="LASER: pool = at most the top-c experts")
+    g.add_argument("--ext-laser-load-decay", type=float, default=d.laser_load_decay,
+                   help="LASER: load window across steps, W = decay * W + tokens this step")
+    g.add_argument("--ext-laser-rounds", type=int, default=d.laser_rounds,
+                   help="LASER: load updates within one forward pass (exact for <= N tokens)")
+    g.add_argument("--ext-laser-bands", action="append", default=[],
+                   metavar="BAND:KEY=VALUE[,KEY=VALUE]",
+                   help="LASER per-band override, repeatable; bands early/middle/late (thirds "
+                        "of the layers), keys eps_high, entropy_max, pool_threshold, pool_max, rounds")
+    g.add_argument("--ext-moe-track-load", action="store_true",
+                   help="expert-load counters (ext_expert_load RPC) with --ext-moe-router topk too")
+    g.add_argument("--ext-moe-ep-devices", type=int, default=d.moe_ep_devices,
+                   help="load stats: experts mapped onto N expert-parallel devices")
 
 
 def ext_config_from_args(ns: argparse.Namespace) -> ExtConfig:
@@ -60,7 +92,17 @@ def ext_config_from_args(ns: argparse.Namespace) -> ExtConfig:
         "probe_every": ns.ext_probe_every,
         "probe_history": ns.ext_probe_history,
         "moe_router": ns.ext_moe_router,
+        "laser_eps_high": ns.ext_laser_eps_high,
+        "laser_entropy_max": ns.ext_laser_entropy_max,
+        "laser_pool_threshold": ns.ext_laser_pool_threshold,
+        "laser_pool_max": ns.ext_laser_pool_max,
+        "laser_load_decay": ns.ext_laser_load_decay,
+        "laser_rounds": ns.ext_laser_rounds,
+        "laser_bands": parse_laser_bands(ns.ext_laser_bands),
+        "moe_track_load": ns.ext_moe_track_load,
+        "moe_ep_devices": ns.ext_moe_ep_devices,
         "kv_bits": ns.ext_kv_bits,
+        "kv_partition": ns.ext_kv_partition,
     })
 
 
@@ -117,7 +159,31 @@ def serve(argv: list[str]) -> None:
         ext = ext_config_from_args(ns)
     except ExtConfigError as exc:
         ext_parser.error(str(exc))
-    run_vllm_server(build_vllm_argv(rest, ext))
+    vllm_argv = build_vllm_argv(rest, ext)
+    check_probes(ext_parser, vllm_argv[0], ext)
+    run_vllm_server(vllm_argv)
+
+
+def check_probes(parser: argparse.ArgumentParser, model: str, ext: ExtConfig) -> None:
+    """Fail fast on a probe trained for another model; a corrupt file only warns (the
+    engine then runs without it and policies fall back to FCFS)."""
+    if not ext.probe_paths or model.startswith("-"):
+        return
+    from vllm_ext.probes.base import ProbeError, ProbeModelMismatch, load_probe, model_fingerprint
+
+    try:
+        from transformers import AutoConfig
+        fingerprint = model_fingerprint(AutoConfig.from_pretrained(model))
+    except Exception:  # model given by a name the config loader can't resolve here
+        return
+    for path in ext.probe_paths:
+        try:
+            load_probe(path, fingerprint)
+        except ProbeModelMismatch as exc:
+            parser.error(f"--ext-probe: {exc}")
+        except ProbeError as exc:
+            print(f"vllm-ext: warning: --ext-probe {path}: {exc}; serving without it",
+                  file=sys.stderr)
 
 
 def run_vllm_server(vllm_argv: list[str]) -> None:
