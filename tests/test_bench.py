@@ -69,3 +69,15 @@ def test_ratio_table_against_baseline():
             {"config": "new", "rate": 1.0, "mean_e2el_ms": 100.0}]
     table = ratio_table(rows, "base")
     assert "(0.50x)" in table and "(1.00x)" in table
+
+
+def test_mean_over_repeats_and_per_repeat_ratios():
+    from vllm_ext.bench.report import mean_over_repeats
+
+    rows = [{"config": c, "rate": 1.0, "repeat": r, "mean_e2el_ms": v}
+            for c, r, v in [("base", 0, 100.0), ("new", 0, 110.0),
+                            ("base", 1, 200.0), ("new", 1, 180.0)]]
+    merged = {r["config"]: r for r in mean_over_repeats(rows)}
+    assert merged["base"]["mean_e2el_ms"] == 150.0 and merged["new"]["mean_e2el_ms"] == 145.0
+    per = ratio_table(rows, "base", by_repeat=True)
+    assert "(1.10x)" in per and "(0.90x)" in per

@@ -87,16 +87,20 @@ def cmd_compare(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows, runs = [], {}
-    for name, kind, extra in configs:
-        with running_server(kind, model, f"{args.server_args} {extra}",
-                            out / f"{name}.server.log") as base:
-            for rate in args.rates:
-                records, summary = _measure(base, "bench", args, rate)
-                rows.append({"config": name, "rate": rate, **summary})
-                runs[f"{name}@{rate}"] = records
-                report.write_records(out / f"{name}@{rate}.jsonl", records)
-                print(report.summary_table(summary, f"== {name} @ {rate} req/s =="), flush=True)
-    table = report.ratio_table(rows, args.baseline)
+    for rep in range(args.repeats):  # configs interleaved per repeat: A B A B ...
+        for name, kind, extra in configs:
+            with running_server(kind, model, f"{args.server_args} {extra}",
+                                out / f"{name}.server.log") as base:
+                for rate in args.rates:
+                    records, summary = _measure(base, "bench", args, rate)
+                    rows.append({"config": name, "rate": rate, "repeat": rep, **summary})
+                    runs.setdefault(f"{name}@{rate}", []).extend(records)
+                    report.write_records(out / f"{name}@{rate}.r{rep}.jsonl", records)
+                    print(report.summary_table(summary, f"== {name} @ {rate} req/s, "
+                                                        f"repeat {rep} =="), flush=True)
+    table = report.ratio_table(report.mean_over_repeats(rows), args.baseline)
+    if args.repeats > 1:
+        table += "\n\nper repeat:\n" + report.ratio_table(rows, args.baseline, by_repeat=True)
     print("\n" + table)
     (out / "compare.txt").write_text(" ".join(sys.argv) + "\n\n" + table + "\n")
     (out / "compare.json").write_text(json.dumps({"argv": sys.argv, "rows": rows}, indent=2))
@@ -119,6 +123,8 @@ def main(argv: list[str]) -> None:
     c.add_argument("--baseline", required=True)
     c.add_argument("--rates", type=float, nargs="+", default=[4.0])
     c.add_argument("--server-args", default="", help="flags for every server")
+    c.add_argument("--repeats", type=int, default=1,
+                   help="run the configurations this many times, interleaved; report means")
     _workload_args(c)
     args = parser.parse_args(argv)
     for name in ("rate", "num_requests", "max_tokens"):

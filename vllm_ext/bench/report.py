@@ -24,13 +24,31 @@ def summary_table(summary: dict, title: str = "") -> str:
     return "\n".join(lines)
 
 
-def ratio_table(rows: list[dict], baseline: str) -> str:
-    """rows: {"config", "rate", **summary}; ratios are config / baseline at the same rate."""
-    base = {r["rate"]: r for r in rows if r["config"] == baseline}
+def mean_over_repeats(rows: list[dict]) -> list[dict]:
+    """One row per (config, rate): the mean of every numeric field over repeats."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["config"], r["rate"]), []).append(r)
+    out = []
+    for (config, rate), group in groups.items():
+        merged = {"config": config, "rate": rate, "repeats": len(group)}
+        for f in group[0]:
+            vals = [g.get(f) for g in group]
+            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+                merged.setdefault(f, sum(vals) / len(vals))
+        out.append(merged)
+    return out
+
+
+def ratio_table(rows: list[dict], baseline: str, by_repeat: bool = False) -> str:
+    """rows: {"config", "rate", **summary}; ratios are config / baseline at the same rate
+    (and the same repeat, when `by_repeat`)."""
+    key = (lambda r: (r["rate"], r.get("repeat"))) if by_repeat else (lambda r: r["rate"])
+    base = {key(r): r for r in rows if r["config"] == baseline}
     head = f"{'config':<14}{'rate':>6}" + "".join(f"{f:>17}" for f in TABLE_FIELDS)
     lines = [head]
     for r in rows:
-        b = base.get(r["rate"])
+        b = base.get(key(r))
         cells = []
         for f in TABLE_FIELDS:
             v = r.get(f)
