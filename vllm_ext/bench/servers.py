@@ -23,11 +23,11 @@ def free_port() -> int:
 
 def server_argv(kind: str, model: str, port: int, extra: str) -> list[str]:
     """`kind` is "stock" (vLLM's own server, no plugin classes) or "ext" (vllm-ext serve)."""
-    common = [model, "--port", str(port), "--host", "127.0.0.1", "--served-model-name", "bench"]
-    if kind == STOCK:
-        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *common,
-                "--dtype", "bfloat16", *shlex.split(extra)]
-    return [sys.executable, "-m", "vllm_ext.cli", "serve", *common, *shlex.split(extra)]
+    common = ["--port", str(port), "--host", "127.0.0.1", "--served-model-name", "bench"]
+    if kind == STOCK:  # this entry point ignores the positional model: pass --model
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+                *common, "--dtype", "bfloat16", *shlex.split(extra)]
+    return [sys.executable, "-m", "vllm_ext.cli", "serve", model, *common, *shlex.split(extra)]
 
 
 @contextlib.contextmanager
