@@ -45,7 +45,7 @@ def ratio_table(rows: list[dict], baseline: str, by_repeat: bool = False) -> str
     (and the same repeat, when `by_repeat`)."""
     key = (lambda r: (r["rate"], r.get("repeat"))) if by_repeat else (lambda r: r["rate"])
     base = {key(r): r for r in rows if r["config"] == baseline}
-    head = f"{'config':<14}{'rate':>6}" + "".join(f"{f:>17}" for f in TABLE_FIELDS)
+    head = f"{'config':<14}{'rate':>6}" + "".join(f"{f:>20}" for f in TABLE_FIELDS)
     lines = [head]
     for r in rows:
         b = base.get(key(r))
@@ -53,7 +53,7 @@ def ratio_table(rows: list[dict], baseline: str, by_repeat: bool = False) -> str
         for f in TABLE_FIELDS:
             v = r.get(f)
             ratio = f" ({v / b[f]:.2f}x)" if b and v is not None and b.get(f) else ""
-            cells.append(f"{(f'{v:.1f}' if v is not None else '-') + ratio:>17}")
+            cells.append(f"{(f'{v:.1f}' if v is not None else '-') + ratio:>20}")
         lines.append(f"{r['config']:<14}{r['rate']:>6.2f}" + "".join(cells))
     return "\n".join(lines)
 
