@@ -26,13 +26,22 @@ class ProbeModelMismatch(ProbeError):
     """A valid probe file trained for a different model."""
 
 
-def model_fingerprint(hf_config: Any) -> str:
-    """Identity of a model architecture + vocabulary, from its HF config."""
+def model_fingerprint(hf_config: Any, model_path: str | None = None) -> str:
+    """Identity of a model: architecture + vocabulary from its HF config and, when the model
+    is a local folder, its safetensors files (size and last 64 KiB of weights of each), so a
+    probe trained on one checkpoint is refused on a retrained one of the same shape."""
     fields = [getattr(hf_config, "model_type", "?")]
     for name in ("hidden_size", "num_hidden_layers", "vocab_size", "num_attention_heads",
                  "intermediate_size", "num_local_experts"):
         fields.append(f"{name}={getattr(hf_config, name, None)}")
-    return hashlib.sha256("|".join(map(str, fields)).encode()).hexdigest()[:16]
+    digest = hashlib.sha256("|".join(map(str, fields)).encode())
+    if model_path and Path(model_path).is_dir():
+        for f in sorted(Path(model_path).glob("*.safetensors")):
+            size = f.stat().st_size
+            with open(f, "rb") as fh:
+                fh.seek(max(0, size - 65536))
+                digest.update(f"{f.name}:{size}".encode() + fh.read())
+    return digest.hexdigest()[:16]
 
 
 def build_module(arch: str, d_in: int, d_out: int, hidden: int = 512) -> nn.Module:
@@ -101,12 +110,12 @@ def shipped_probe_path(kind: str, fingerprint: str) -> Path | None:
     return path if path.exists() else None
 
 
-def resolve_probe_paths(ext_config: Any, hf_config: Any) -> list[str]:
+def resolve_probe_paths(ext_config: Any, hf_config: Any, model_path: str | None = None) -> list[str]:
     """The probe files an engine loads: the explicit ones, else the shipped length probe
     when the policy refines on it (`trail`)."""
     if ext_config.probe_paths:
         return list(ext_config.probe_paths)
     if ext_config.policy == "trail":
-        path = shipped_probe_path("length", model_fingerprint(hf_config))
+        path = shipped_probe_path("length", model_fingerprint(hf_config, model_path))
         return [str(path)] if path else []
     return []

@@ -53,7 +53,7 @@ def main(argv: list[str]) -> None:
                        enforce_eager=args.enforce_eager)
         if args.dataset:
             data.save(args.dataset)
-    probe, report = train_length_probe(data, model_fingerprint(config), args.arch, args.bins,
+    probe, report = train_length_probe(data, model_fingerprint(config, model), args.arch, args.bins,
                                        args.bin_mode, args.every, args.seed)
     save_probe(args.out, probe)
     Path(args.out).with_suffix(".report.json").write_text(json.dumps(report, indent=2))

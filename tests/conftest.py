@@ -51,6 +51,6 @@ def make_linear_probe(model_path: str, layer: int, out_path: Path, seed: int = 0
     torch.manual_seed(seed)
     module = torch.nn.Linear(config.hidden_size, 2)
     probe = Probe(kind="test", layer=layer, output_names=["p0", "p1"], module=module,
-                  fingerprint=model_fingerprint(config), arch="linear")
+                  fingerprint=model_fingerprint(config, model_path), arch="linear")
     save_probe(out_path, probe)
     return probe

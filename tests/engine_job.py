@@ -4,7 +4,9 @@ Used by the e2e tests in a subprocess, so each engine gets a clean process:
     python tests/engine_job.py '<json spec>'
 Spec keys: model, scheduler ("stock" | "ext"), ext (ExtConfig dict), worker ("stock" | "ext"),
 max_num_seqs, num_blocks, block_size, requests [{id, prompt, max_tokens, xargs,
-ignore_eos, after_step}], rpc_tags (tags whose predictions to read back), inspect_scheduler.
+ignore_eos, after_step}], rpc_tags (tags whose predictions to read back), inspect_scheduler,
+llm_kwargs (extra `LLM(...)` kwargs, override the defaults), rpc ([[method, kwargs], ...]
+worker RPCs called after the run; rank 0's answers come back under "rpc", keyed by method).
 Requests are added at the step given by `after_step` (default 0), so arrival order is exact.
 """
 from __future__ import annotations
@@ -29,6 +31,7 @@ def run(spec: dict) -> dict:
         kwargs["worker_cls"] = "vllm_ext.worker.probe_worker.ProbeWorker"
     if "ext" in spec:
         kwargs["additional_config"] = {"vllm_ext": spec["ext"]}
+    kwargs.update(spec.get("llm_kwargs", {}))
     llm = LLM(**kwargs)
     engine = llm.llm_engine
     pending = sorted(spec["requests"], key=lambda r: r.get("after_step", 0))
@@ -57,6 +60,11 @@ def run(spec: dict) -> dict:
         tag: engine.collective_rpc("ext_get_predictions", args=(tag,))[0]
         for tag in spec.get("rpc_tags", [])
     }
+    result["rpc"] = {method: engine.collective_rpc(method, kwargs=kw)[0]
+                     for method, kw in spec.get("rpc", [])}
+    # the engine's KV capacity (as in its "KV cache size: N tokens" log line)
+    result["kv_cache_size_tokens"] = getattr(engine.vllm_config.cache_config,
+                                             "kv_cache_size_tokens", None)
     return result
 
 

@@ -48,3 +48,14 @@ def test_version_guard():
     assert check_vllm_version("0.32.3+cpu") == "0.32.3+cpu"
     with pytest.raises(UnsupportedVllmVersion, match="targets vLLM 0.32"):
         check_vllm_version("0.33.0")
+
+
+def test_every_subpackage_is_listed_in_pyproject():
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(root).parts)
+             for p in (root / "vllm_ext").rglob("__init__.py") if "__pycache__" not in p.parts}
+    assert "vllm_ext.bench" in found and found <= listed, sorted(found - listed)

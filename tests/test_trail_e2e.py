@@ -33,7 +33,7 @@ def crafted_length_probe(model_path, path, fingerprint=None):
     coef = np.zeros(66)
     coef[0], coef[1] = -60.0, 40.0        # 4-token prompt -> ~4, 30-token prompt -> ~77
     probe = Probe("length", 1, [f"bin{i}" for i in range(len(EDGES) - 1)], module,
-                  fingerprint or model_fingerprint(config), "linear",
+                  fingerprint or model_fingerprint(config, model_path), "linear",
                   meta={"output": "softmax", "bin_edges": EDGES,
                         "prompt_model": {"coef": coef.tolist(), "buckets": 64}})
     save_probe(path, probe)

@@ -126,6 +126,8 @@ def build_vllm_argv(rest: list[str], ext: ExtConfig) -> list[str]:
     if current_platform.is_cpu():
         defaults["--dtype"] = "bfloat16"
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    elif ext.kv_bits != 16:
+        defaults["--attention-backend"] = "CUSTOM"  # HACK Triton backend (vllm_ext.kernels)
     for flag, value in defaults.items():
         if not _has_flag(argv, flag):
             argv += [flag, value]
@@ -173,7 +175,7 @@ def check_probes(parser: argparse.ArgumentParser, model: str, ext: ExtConfig) ->
 
     try:
         from transformers import AutoConfig
-        fingerprint = model_fingerprint(AutoConfig.from_pretrained(model))
+        fingerprint = model_fingerprint(AutoConfig.from_pretrained(model), model)
     except Exception:  # model given by a name the config loader can't resolve here
         return
     for path in ext.probe_paths:

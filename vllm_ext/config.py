@@ -14,8 +14,12 @@ from typing import Any
 
 CONFIG_KEY = "vllm_ext"
 POLICIES = ("fcfs", "oracle", "trail", "spjf")
-MOE_ROUTERS = ("topk",)
-KV_BITS = (16,)
+MOE_ROUTERS = ("topk", "laser", "least_loaded")
+LASER_BANDS = ("early", "middle", "late")  # thirds of the decoder layers
+LASER_BAND_KEYS = {"eps_high": float, "entropy_max": float, "pool_threshold": float,
+                   "pool_max": int, "rounds": int}
+KV_BITS = (16, 8, 4, 2)
+KV_PARTITIONS = (32, 64, 128)  # HACK: tokens per K quantization partition
 
 
 class ExtConfigError(ValueError):
@@ -43,13 +47,26 @@ class ExtConfig:
     capture_layers: tuple[int, ...] = ()
     # Placeholders for the capability issues (validated, so typos fail early)
     moe_router: str = "topk"
+    # LASER load-aware MoE routing (vllm_ext/moe, docs/laser.md)
+    laser_eps_high: float = 0.9        # peaked (plain top-k) when top-k mass >= this
+    laser_entropy_max: float = 0.0     # ... or normalised gate entropy <= this (0 = off)
+    laser_pool_threshold: float = 0.5  # pool: score >= (1 - this) * best score
+    laser_pool_max: int = 4            # pool: at most the top-c experts
+    laser_load_decay: float = 0.5      # load window across steps: W = decay * W + counts
+    laser_rounds: int = 8              # load updates within one forward pass
+    laser_bands: dict[str, dict[str, float]] = field(default_factory=dict, hash=False)
+    moe_track_load: bool = False       # expert-load counters with moe_router=topk too
+    moe_ep_devices: int = 4            # load stats: experts mapped to this many EP devices
     kv_bits: int = 16
+    kv_partition: int = 64
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         _check_choice("policy", self.policy, POLICIES)
         _check_choice("moe_router", self.moe_router, MOE_ROUTERS)
+        _check_laser(self)
         _check_choice("kv_bits", self.kv_bits, KV_BITS)
+        _check_choice("kv_partition", self.kv_partition, KV_PARTITIONS)
         _check_range("preemption_margin", self.preemption_margin, 0.0)
         _check_range("max_preemptions_per_request", self.max_preemptions_per_request, 0)
         _check_range("max_preemptions_per_step", self.max_preemptions_per_step, 0)
@@ -134,3 +151,57 @@ def _check_choice(name: str, value: Any, choices: tuple) -> None:
 def _check_range(name: str, value: float, low: float) -> None:
     if value < low:
         raise ExtConfigError(f"{flag_name(name)}: must be >= {low}, got {value}")
+
+
+def _check_between(name: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise ExtConfigError(f"{flag_name(name)}: must be in [{low}, {high}], got {value}")
+
+
+def _check_laser(cfg: "ExtConfig") -> None:
+    for name in ("laser_eps_high", "laser_entropy_max", "laser_pool_threshold"):
+        _check_between(name, getattr(cfg, name), 0.0, 1.0)
+    _check_between("laser_load_decay", cfg.laser_load_decay, 0.0, 0.999)
+    _check_between("laser_rounds", cfg.laser_rounds, 1, 64)
+    _check_range("laser_pool_max", cfg.laser_pool_max, 1)
+    _check_range("moe_ep_devices", cfg.moe_ep_devices, 1)
+    object.__setattr__(cfg, "laser_bands", _normalise_bands(cfg.laser_bands))
+
+
+def _normalise_bands(bands: Any) -> dict[str, dict[str, float]]:
+    """Validate ``{band: {key: value}}`` per-band LASER overrides; values coerced to their type."""
+    flag = flag_name("laser_bands")
+    if not isinstance(bands, dict):
+        raise ExtConfigError(f"{flag}: expected {{band: {{key: value}}}}, got {bands!r}")
+    out: dict[str, dict[str, float]] = {}
+    for band, values in bands.items():
+        _check_choice("laser_bands", band, LASER_BANDS)
+        if not isinstance(values, dict):
+            raise ExtConfigError(f"{flag}: {band}: expected {{key: value}}, got {values!r}")
+        for key in values:
+            _check_choice("laser_bands", key, tuple(LASER_BAND_KEYS))
+        out[band] = {key: _coerce("laser_bands", value, LASER_BAND_KEYS[key](0))
+                     for key, value in values.items()}
+        for key, value in out[band].items():
+            _check_band_value(band, key, value)
+    return out
+
+
+def _check_band_value(band: str, key: str, value: float) -> None:
+    low, high = {"pool_max": (1, 1 << 30), "rounds": (1, 64)}.get(key, (0.0, 1.0))
+    if not low <= value <= high:
+        raise ExtConfigError(f"{flag_name('laser_bands')}: {band}.{key} must be in "
+                             f"[{low}, {high}], got {value}")
+
+
+def parse_laser_bands(items: list[str]) -> dict[str, dict[str, str]]:
+    """``["early:eps_high=0.8,pool_max=3", ...]`` (the CLI form) -> ``{"early": {...}}``."""
+    bands: dict[str, dict[str, str]] = {}
+    for item in items:
+        band, sep, body = item.partition(":")
+        pairs = [p.partition("=") for p in body.split(",") if p]
+        if not sep or not pairs or any(not eq for _, eq, _ in pairs):
+            raise ExtConfigError(f"{flag_name('laser_bands')}: expected BAND:KEY=VALUE[,KEY=VALUE], "
+                                 f"got {item!r}")
+        bands.setdefault(band.strip(), {}).update({k.strip(): v.strip() for k, _, v in pairs})
+    return bands

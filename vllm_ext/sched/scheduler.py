@@ -33,7 +33,7 @@ class PredictiveScheduler(Scheduler):
     def __init__(self, vllm_config, *args, **kwargs) -> None:
         super().__init__(vllm_config, *args, **kwargs)
         self.ext_config = ExtConfig.from_vllm_config(vllm_config)
-        self.ext_policy = build_policy(self.ext_config, vllm_config.model_config.hf_config)
+        self.ext_policy = build_policy(self.ext_config, vllm_config.model_config)
         self.ext_predictions: dict[str, dict[str, float]] = {}
         self.ext_num_policy_preemptions = 0
         if self.ext_policy.reorders and not isinstance(self.waiting, FCFSRequestQueue):
@@ -140,7 +140,7 @@ class PredictiveScheduler(Scheduler):
         return True
 
 
-def build_policy(ext: ExtConfig, hf_config) -> Policy:
+def build_policy(ext: ExtConfig, model_config) -> Policy:
     """The policy object for this engine; a TRAIL policy without a usable length probe falls
     back to FCFS with a warning (the engine keeps serving)."""
     common = dict(margin=ext.preemption_margin,
@@ -152,8 +152,9 @@ def build_policy(ext: ExtConfig, hf_config) -> Policy:
 
     lookup = ext if ext.probe_paths else ExtConfig.from_dict({**ext.to_dict(), "policy": "trail"})
     try:
-        fingerprint = model_fingerprint(hf_config)
-        probes = [load_probe(p, fingerprint) for p in resolve_probe_paths(lookup, hf_config)]
+        hf_config, path = model_config.hf_config, model_config.model
+        fingerprint = model_fingerprint(hf_config, path)
+        probes = [load_probe(p, fingerprint) for p in resolve_probe_paths(lookup, hf_config, path)]
         length = next(p for p in probes if p.kind == "length")
     except (StopIteration, Exception) as exc:
         logger.warning("vllm-ext: policy %s needs a length probe for this model (%s); "

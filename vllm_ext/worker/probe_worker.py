@@ -71,11 +71,11 @@ class ProbeWorker(_BaseWorker):
             self.ext_capture = CaptureLog(())
 
     def _load_probes(self) -> None:
-        hf_config = self.vllm_config.model_config.hf_config
-        paths = resolve_probe_paths(self.ext_config, hf_config)
+        hf_config, path = self.vllm_config.model_config.hf_config, self.vllm_config.model_config.model
+        paths = resolve_probe_paths(self.ext_config, hf_config, path)
         if not paths:
             return
-        fingerprint = model_fingerprint(hf_config)
+        fingerprint = model_fingerprint(hf_config, path)
         self.ext_probes = [load_probe(p, fingerprint) for p in paths]
         logger.info("vllm-ext ProbeWorker: %d probe(s) on layer(s) %s, every %d step(s)",
                     len(self.ext_probes), sorted({p.layer for p in self.ext_probes}),
@@ -175,6 +175,23 @@ class ProbeWorker(_BaseWorker):
     def ext_get_predictions(self, tag: str | None = None, req_ids: list[str] | None = None):
         store = getattr(self, "ext_store", None)
         return store.query(tag=tag, req_ids=req_ids) if store else {}
+
+    def ext_expert_load(self, reset: bool = False, ep_devices: int | None = None,
+                        placement: str = "linear") -> dict:
+        """Expert-load report of the model's MoE layers (`vllm_ext.moe.load_stats`); ``reset``
+        zeroes the counters after reading. No layers when the engine routes with ``topk``
+        without ``moe_track_load`` (vLLM's router untouched, nothing counted)."""
+        from vllm_ext.moe.load_stats import load_report
+        from vllm_ext.moe.router import expert_loads
+
+        loads = expert_loads(self.model_runner.get_model())
+        devices = ep_devices or ExtConfig.from_vllm_config(self.vllm_config).moe_ep_devices
+        report = load_report({name: load.snapshot() for name, load in loads.items()},
+                             devices, placement)
+        if reset:
+            for load in loads.values():
+                load.reset()
+        return report
 
 
 def _make_capture_hook(buffer: torch.Tensor):

@@ -1,0 +1,78 @@
+"""Cost of the prediction channel: decode throughput at batch 32 with the length probe on
+(every step, and every 8 steps) vs ProbeWorker without probes vs the stock worker.
+
+Each configuration runs in its own process (one engine each), same seeded batch:
+    .venv/bin/python scripts/bench_probe_overhead.py --probe vllm_ext/assets/probes/length-*.pt
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+
+def child(spec: dict) -> None:
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    from vllm import LLM, SamplingParams
+
+    kwargs = dict(model=spec["model"], dtype="bfloat16", seed=0, max_num_seqs=spec["batch"])
+    if spec["worker"] == "ext":
+        kwargs["worker_cls"] = "vllm_ext.worker.probe_worker.ProbeWorker"
+        kwargs["additional_config"] = {"vllm_ext": spec["ext"]}
+    llm = LLM(**kwargs)
+    prompts = [{"prompt_token_ids": [100 + (i * 7 + j) % 60 for j in range(32)]}
+               for i in range(spec["batch"])]
+    params = SamplingParams(max_tokens=spec["tokens"], ignore_eos=True, temperature=0.0)
+    llm.generate(prompts[:4], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
+    rates = []
+    for _ in range(spec["repeats"]):
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        rates.append(sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t0))
+    print("RESULT " + json.dumps({"name": spec["name"], "tok_per_s": rates}), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model")
+    p.add_argument("--probe", required=True)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--tokens", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    from vllm_ext.testbed.model import default_model_path
+
+    model = args.model or default_model_path()
+    base = {"model": model, "batch": args.batch, "tokens": args.tokens, "repeats": args.repeats}
+    configs = [
+        {"name": "stock worker", "worker": "stock"},
+        {"name": "ProbeWorker, no probe", "worker": "ext", "ext": {}},
+        {"name": "probe every 8 steps", "worker": "ext",
+         "ext": {"probe_paths": [os.path.abspath(args.probe)], "probe_every": 8}},
+        {"name": "probe every step", "worker": "ext",
+         "ext": {"probe_paths": [os.path.abspath(args.probe)], "probe_every": 1}},
+    ]
+    results = {}
+    for rnd in range(2):  # two interleaved rounds against drift
+        for cfg in configs:
+            out = subprocess.run([sys.executable, __file__, "--child", json.dumps({**base, **cfg})],
+                                 capture_output=True, text=True)
+            line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                sys.exit(f"{cfg['name']} failed:\n{(out.stdout + out.stderr)[-3000:]}")
+            results.setdefault(cfg["name"], []).extend(json.loads(line[7:])["tok_per_s"])
+    ref = max(results["stock worker"])
+    print(f"decode throughput, batch {args.batch}, {args.tokens} tokens each "
+          f"(best of {2 * args.repeats} runs; ratio to stock worker)")
+    for name, rates in results.items():
+        print(f"  {name:<24}{max(rates):>9.0f} tok/s  {max(rates) / ref:6.3f}x")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--child":
+        child(json.loads(sys.argv[2]))
+    else:
+        main()

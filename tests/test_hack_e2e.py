@@ -1,0 +1,97 @@
+"""HACK quantized KV in a real CPU engine with the embedded model (each engine in its own process).
+
+* ``kv_bits=4`` serves requests (chunked prefill across partitions, decode past block ends) and
+  its KV capacity in tokens, from the engine's own accounting, is >= 3x the bf16 engine's.
+* A bad bit width fails engine start-up with a message naming ``--ext-kv-bits``.
+* (slow) The Triton kernel, run by the interpreter, serves the same requests inside the engine.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, run_engine_job
+
+pytestmark = pytest.mark.e2e
+
+REQUESTS = [{"id": f"r{i}", "prompt": p, "max_tokens": n, "ignore_eos": True}
+            for i, (p, n) in enumerate([("12+34=", 40), ("sort 9 3 1 7 " * 12, 80),
+                                        ("gcd 12 18", 150), ("count a in " + "ab" * 70, 20)])]
+
+
+def _job(model_path, ext):
+    return run_engine_job({"model": model_path, "max_num_seqs": 4, "max_model_len": 512,
+                           "requests": REQUESTS, "ext": ext,
+                           "llm_kwargs": {"max_num_batched_tokens": 96}})
+
+
+def test_kv4_serves_requests_with_3x_capacity(model_path):
+    bf16 = _job(model_path, {"kv_bits": 16})
+    hack = _job(model_path, {"kv_bits": 4})
+    for res in (bf16, hack):
+        assert sorted(res["finish_order"]) == sorted(r["id"] for r in REQUESTS)
+        assert all(len(res["token_ids"][r["id"]]) == r["max_tokens"] for r in REQUESTS)
+    assert hack["kv_cache_size_tokens"] >= 3 * bf16["kv_cache_size_tokens"]
+
+
+def test_bad_kv_bits_fails_startup_naming_the_flag(model_path):
+    spec = {"model": model_path, "requests": REQUESTS[:1], "ext": {"kv_bits": 3}}
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "engine_job.py"), json.dumps(spec)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "--ext-kv-bits: invalid value 3" in proc.stdout + proc.stderr
+
+
+DRIVER = '''
+import json, os, sys
+from vllm_ext.kernels import select
+from vllm_ext.kernels.cpu_backend import HackCPUAttentionBackend
+from vllm_ext.kernels.engine import HackAttentionImpl
+from vllm_ext.kernels.hack_attention import hack_attention
+
+
+CALLS = []
+
+
+def attend(*args):
+    CALLS.append(1)
+    return hack_attention(*args)
+
+
+class TritonImpl(HackAttentionImpl):
+    attend = staticmethod(attend)
+
+
+class TritonOnCpuBackend(HackCPUAttentionBackend):
+    @staticmethod
+    def get_impl_cls():
+        return TritonImpl
+
+
+if __name__ == "__main__":
+    select.HACK_CPU = "__main__.TritonOnCpuBackend"
+    sys.path.insert(0, os.path.join(sys.argv[2], "tests"))
+    from engine_job import run
+    res = run(json.loads(sys.argv[1]))
+    res["kernel_calls"] = len(CALLS)
+    print("ENGINE_JOB_RESULT " + json.dumps(res), flush=True)
+'''
+
+
+@pytest.mark.slow
+def test_triton_kernel_serves_inside_the_engine_interpreted(model_path, tmp_path):
+    """The GPU backend's attention (the Triton kernel, here in the interpreter) in a CPU engine."""
+    (tmp_path / "driver.py").write_text(DRIVER)
+    spec = {"model": model_path, "max_num_seqs": 4, "max_model_len": 512,
+            "requests": [dict(r, max_tokens=12) for r in REQUESTS], "ext": {"kv_bits": 4},
+            "llm_kwargs": {"max_num_batched_tokens": 96}}
+    env = {**os.environ, "TRITON_INTERPRET": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    proc = subprocess.run([sys.executable, str(tmp_path / "driver.py"), json.dumps(spec),
+                           str(ROOT)], capture_output=True, text=True, timeout=900, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("ENGINE_JOB_RESULT ")]
+    assert lines, (proc.stdout + proc.stderr)[-4000:]
+    res = json.loads(lines[0][len("ENGINE_JOB_RESULT "):])
+    assert res["kernel_calls"] > 0
+    assert all(len(res["token_ids"][r["id"]]) == 12 for r in REQUESTS)
