@@ -19,7 +19,9 @@ def main(argv: list[str]) -> None:
     p.add_argument("--prompts", help="JSONL with a 'prompt' field (default: testbed tasks)")
     p.add_argument("--num-prompts", type=int, default=1200, help="testbed prompts to use")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="probe file to write")
+    p.add_argument("--out", required=True,
+                   help="probe file to write, or a folder: then <kind>-<model fingerprint>.pt "
+                        "inside it (the name `--ext-policy trail` looks for in assets/probes)")
     p.add_argument("--layers", type=int, nargs="+", help="layers to sweep (default: all)")
     p.add_argument("--arch", choices=("linear", "mlp"), default="mlp")
     p.add_argument("--bins", type=int, default=10)
@@ -53,14 +55,18 @@ def main(argv: list[str]) -> None:
                        enforce_eager=args.enforce_eager)
         if args.dataset:
             data.save(args.dataset)
-    probe, report = train_length_probe(data, model_fingerprint(config, model), args.arch, args.bins,
+    fingerprint = model_fingerprint(config, model)
+    probe, report = train_length_probe(data, fingerprint, args.arch, args.bins,
                                        args.bin_mode, args.every, args.seed)
-    save_probe(args.out, probe)
-    Path(args.out).with_suffix(".report.json").write_text(json.dumps(report, indent=2))
+    out = Path(args.out)
+    if out.is_dir():
+        out = out / f"{args.kind}-{fingerprint}.pt"
+    save_probe(out, probe)
+    out.with_suffix(".report.json").write_text(json.dumps(report, indent=2))
     mae = report["mae"]
     print(f"\nbest layer {report['best_layer']}; validation MAE (tokens) over "
           f"{report['n_val_requests']} held-out requests:")
     for name, value in mae.items():
         print(f"  {name:<24}{value:8.1f}")
     print(f"prompt-only / per-step probe MAE ratio: {mae['prompt_only'] / mae['per_step_probe']:.2f}x")
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")

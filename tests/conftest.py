@@ -27,10 +27,15 @@ def model_path() -> str:
 
 
 def run_engine_job(spec: dict, env: dict | None = None, timeout: int = 600) -> dict:
-    """Run tests/engine_job.py in a fresh process; return its JSON result."""
+    """Run tests/engine_job.py in a fresh process; return its JSON result.
+
+    EngineCore runs in the job's process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so each
+    `engine.step()` is exactly one engine step: arrivals and finish steps are deterministic
+    even on a loaded machine."""
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", **(env or {})}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "engine_job.py"), json.dumps(spec)],
-        capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+        capture_output=True, text=True, timeout=timeout, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("ENGINE_JOB_RESULT "):
             result = json.loads(line[len("ENGINE_JOB_RESULT "):])

@@ -71,8 +71,7 @@ def test_probe_values_reach_scheduler_and_match_hf(model_path, tmp_path):
         {"model": model_path, "scheduler": "ext", "worker": "ext", "requests": reqs,
          "ext": {"probe_paths": [str(tmp_path / "probe.pt")], "probe_history": True,
                  "probe_every": 1},
-         "rpc_tags": ["ta", "tb"], "inspect_scheduler": True},
-        env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+         "rpc_tags": ["ta", "tb"], "inspect_scheduler": True})
 
     tok = AutoTokenizer.from_pretrained(model_path)
     hf = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.bfloat16).eval()
