@@ -24,7 +24,8 @@ from vllm_ext.bench.workload import TraceError, parse_trace, testbed_requests
 
 def _workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", help="JSONL trace (arrival_s, prompt, max_tokens, ...); "
-                   "default: the testbed task suite at --rate")
+                   "'{rate}' in the path is replaced by each rate; default: the testbed "
+                   "task suite at --rate")
     p.add_argument("--num-requests", type=int, default=100)
     p.add_argument("--rate", type=float, default=4.0, help="mean arrivals per second")
     p.add_argument("--arrival", choices=("poisson", "gamma"), default="poisson")
@@ -42,7 +43,7 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
 def _requests(args, rate: float):
     if args.trace:
         try:
-            return parse_trace(args.trace)
+            return parse_trace(args.trace.replace("{rate}", str(rate)))
         except TraceError as exc:
             sys.exit(f"vllm-ext bench: --trace: {exc}")
     return testbed_requests(args.num_requests, rate, args.seed, args.arrival, args.cv,
