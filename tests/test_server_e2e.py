@@ -4,11 +4,6 @@ One server for the module (startup ~30 s on CPU): oracle policy and a dummy prob
 `/v1/ext/config` and predictions in responses have something to show.
 """
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import openai
@@ -17,47 +12,20 @@ import pytest
 from conftest import make_linear_probe
 
 pytestmark = pytest.mark.e2e
-MODEL = "tiny-moe-reasoner"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+MODEL = "bench"  # served name set by running_server
 
 
 @pytest.fixture(scope="module")
 def server(model_path, tmp_path_factory):
+    from vllm_ext.bench.servers import running_server
+
     probe_path = tmp_path_factory.mktemp("probe") / "probe.pt"
     make_linear_probe(model_path, 1, probe_path)
-    port = _free_port()
-    log = open(tmp_path_factory.mktemp("log") / "server.log", "w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm_ext.cli", "serve", "--port", str(port), "--enforce-eager",
-         "--max-model-len", "512", "--ext-policy", "oracle", "--ext-probe", str(probe_path),
-         "--ext-probe-every", "2"],
-        stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            log.seek(0)
-            pytest.fail(f"server exited:\n{log.read()[-4000:]}")
-        try:
-            if httpx.get(base + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    else:
-        proc.kill()
-        pytest.fail("server did not become healthy in 300 s")
-    yield base
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    flags = (f"--enforce-eager --max-model-len 512 --ext-policy oracle "
+             f"--ext-probe {probe_path} --ext-probe-every 2")
+    with running_server("ext", model_path, flags,
+                        tmp_path_factory.mktemp("log") / "server.log", timeout_s=300) as base:
+        yield base
 
 
 @pytest.fixture
