@@ -168,16 +168,16 @@ def build_policy(ext: ExtConfig, model_config) -> Policy:
                   max_preemptions_per_request=ext.max_preemptions_per_request)
     if ext.policy not in ("trail", "spjf"):
         return make_policy(ext.policy, **common)
-    from vllm_ext.probes.base import load_probe, model_fingerprint, resolve_probe_paths
+    from vllm_ext.probes.base import load_probe, model_fingerprint, shipped_probe_path
     from vllm_ext.sched.trail import LengthBins, PromptModel, TrailPolicy
 
-    lookup = ext if ext.probe_paths else ExtConfig.from_dict({**ext.to_dict(), "policy": "trail"})
     try:
-        hf_config, path = model_config.hf_config, model_config.model
-        fingerprint = model_fingerprint(hf_config, path)
-        probes = [load_probe(p, fingerprint) for p in resolve_probe_paths(lookup, hf_config, path)]
+        fingerprint = model_fingerprint(model_config.hf_config, model_config.model)
+        # spjf needs only the prompt model, but it ships in the same length-probe file
+        paths = list(ext.probe_paths) or [shipped_probe_path("length", fingerprint)]
+        probes = [load_probe(p, fingerprint) for p in paths if p is not None]
         length = next(p for p in probes if p.kind == "length")
-    except (StopIteration, Exception) as exc:
+    except Exception as exc:
         logger.warning("vllm-ext: policy %s needs a length probe for this model (%s); "
                        "falling back to FCFS. Train one with `vllm-ext train-probe`.",
                        ext.policy, str(exc) or "no length probe found")
