@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -42,6 +43,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds against drift")
     args = p.parse_args()
     from vllm_ext.testbed.model import default_model_path
 
@@ -56,7 +58,7 @@ def main() -> None:
          "ext": {"probe_paths": [os.path.abspath(args.probe)], "probe_every": 1}},
     ]
     results = {}
-    for rnd in range(2):  # two interleaved rounds against drift
+    for rnd in range(args.rounds):  # interleaved rounds against drift
         for cfg in configs:
             out = subprocess.run([sys.executable, __file__, "--child", json.dumps({**base, **cfg})],
                                  capture_output=True, text=True)
@@ -64,11 +66,13 @@ def main() -> None:
             if line is None:
                 sys.exit(f"{cfg['name']} failed:\n{(out.stdout + out.stderr)[-3000:]}")
             results.setdefault(cfg["name"], []).extend(json.loads(line[7:])["tok_per_s"])
-    ref = max(results["stock worker"])
-    print(f"decode throughput, batch {args.batch}, {args.tokens} tokens each "
-          f"(best of {2 * args.repeats} runs; ratio to stock worker)")
+    best, median = max(results["stock worker"]), statistics.median(results["stock worker"])
+    print(f"decode throughput, batch {args.batch}, {args.tokens} tokens each, "
+          f"{args.rounds * args.repeats} runs per configuration; ratio to the stock worker")
+    print(f"  {'':<24}{'best tok/s':>11}{'ratio':>8}{'median tok/s':>14}{'ratio':>8}")
     for name, rates in results.items():
-        print(f"  {name:<24}{max(rates):>9.0f} tok/s  {max(rates) / ref:6.3f}x")
+        print(f"  {name:<24}{max(rates):>11.0f}{max(rates) / best:>7.3f}x"
+              f"{statistics.median(rates):>14.0f}{statistics.median(rates) / median:>7.3f}x")
 
 
 if __name__ == "__main__":

@@ -81,3 +81,30 @@ def test_closed_forms_sanity():
     assert mg1_srpt_mean_response(0.5, sizes) < mg1_fcfs_mean_response(0.5, sizes)
     with pytest.raises(ValueError):
         mg1_fcfs_mean_response(2.0, [1.0])
+
+
+def test_noisy_trail_predictions_are_seeded_and_count_down():
+    from vllm_ext.sched.policy import RequestView
+    from vllm_ext.sim.predicted import NoisyTrailPolicy
+
+    pol = NoisyTrailPolicy(sigma_initial=0.5, sigma_refined=0.3, refresh_every=8, seed=7)
+    view = lambda g: RequestView("a", 0.0, 10, g, 500, true_output_len=100)  # noqa: E731
+    assert pol.initial(view(0)) == NoisyTrailPolicy(seed=7).initial(view(0))
+    assert pol.initial(view(0)) != pytest.approx(100)            # there is an error
+    assert pol.remaining(view(9)) == pytest.approx(pol.remaining(view(8)) - 1)  # count-down
+    exact = NoisyTrailPolicy(sigma_initial=0.0, sigma_refined=0.0)
+    assert exact.remaining(view(30)) == 70 and exact.initial(view(30)) == 100
+    # TRAIL's limit: preemptible only while generated <= 0.8 x initial prediction
+    assert exact.preemptible(view(80)) and not exact.preemptible(view(81))
+
+
+def test_predicted_srpt_sits_between_fcfs_and_oracle():
+    from vllm_ext.sim.predicted import NoisyTrailPolicy
+
+    cfg = ReplicaConfig(max_num_seqs=4, max_num_batched_tokens=256,
+                        cost=StepCost(0.01, 0.0, 0.0))
+    reqs = _requests(2000, rate=5.5, seed=1)
+    mean = {name: latency_stats(simulate(reqs, cfg, factory))["mean_e2el_s"] for name, factory in
+            [("fcfs", lambda: make_policy("fcfs")), ("oracle", lambda: make_policy("oracle")),
+             ("trail", lambda: NoisyTrailPolicy(sigma_initial=0.5, sigma_refined=0.3))]}
+    assert mean["oracle"] < mean["trail"] < mean["fcfs"]

@@ -19,12 +19,18 @@ import numpy as np
 from vllm_ext.bench.workload import arrival_times
 from vllm_ext.sched.policy import make_policy
 from vllm_ext.sim.cluster import ROUTERS, latency_stats, simulate
+from vllm_ext.sim.predicted import NoisyTrailPolicy
 from vllm_ext.sim.queueing import mg1_fcfs_mean_response, mg1_srpt_mean_response
 from vllm_ext.sim.replica import ReplicaConfig, SimRequest, StepCost
 
 
-def _policy(name: str):
-    return lambda: make_policy(name, max_preemptions_per_request=10**9)
+def _policy(name: str, cap: int = 10**9, sigma: tuple[float, float] = (0.5, 0.3)):
+    """``fcfs``/``oracle`` as in the engine; ``trail``/``spjf`` as TRAIL's policy on noisy
+    predicted lengths (`vllm_ext.sim.predicted`; log-normal sigmas initial, refined)."""
+    if name in ("trail", "spjf"):
+        return lambda: NoisyTrailPolicy(max_preemptions_per_request=cap, refine=name == "trail",
+                                        sigma_initial=sigma[0], sigma_refined=sigma[1])
+    return lambda: make_policy(name, max_preemptions_per_request=cap)
 
 
 def cmd_mg1(args) -> None:
@@ -72,7 +78,9 @@ def cmd_replay(args) -> None:
         recs = [r for r in recs if r["error"] is None][args.warmup:]
         reqs = [SimRequest(str(r["index"]), r["arrival_s"], r["prompt_tokens"],
                            max(1, r["output_tokens"]), max(1, r["output_tokens"])) for r in recs]
-        sim = latency_stats(simulate(reqs, cfg, _policy(policy)))["mean_e2el_s"]
+        policy_factory = _policy(policy, args.max_preemptions, (args.sigma_initial,
+                                                                args.sigma_refined))
+        sim = latency_stats(simulate(reqs, cfg, policy_factory))["mean_e2el_s"]
         meas = float(np.mean([r["e2el_s"] for r in recs]))
         print(f"{row['config']:<10}{row['rate']:>6.2f}{meas:>14.3f}{sim:>15.3f}{sim / meas:>10.3f}")
 
@@ -129,6 +137,11 @@ def main(argv: list[str]) -> None:
     r.add_argument("--warmup", type=int, default=0)
     r.add_argument("--policy-of", type=json.loads, default={"stock": "fcfs"},
                    help='JSON map from config name to policy, e.g. {"stock": "fcfs"}')
+    r.add_argument("--max-preemptions", type=int, default=4, help="the engine's per-request cap")
+    r.add_argument("--sigma-initial", type=float, default=0.5,
+                   help="trail/spjf: log-normal error of the initial length prediction")
+    r.add_argument("--sigma-refined", type=float, default=0.3,
+                   help="trail: log-normal error of each refreshed remaining-length prediction")
     s = sub.add_parser("scale", help="many replicas (simulated only)")
     s.add_argument("--replicas", type=int, nargs="+", default=[8, 16, 32, 64])
     s.add_argument("--rates", type=float, nargs="+", default=[2.0, 4.0],

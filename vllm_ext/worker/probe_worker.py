@@ -60,6 +60,7 @@ class ProbeWorker(_BaseWorker):
         self.ext_config = ExtConfig.from_vllm_config(self.vllm_config)
         self.ext_store = PredictionStore(keep_history=self.ext_config.probe_history)
         self.ext_step = 0
+        self.ext_awaiting: set[str] = set()  # started, no prediction yet (probe at prefill end)
         self.ext_probes, self.ext_buffers = [], {}
         self.ext_capture = CaptureLog(self.ext_config.capture_layers)
         try:
@@ -100,6 +101,8 @@ class ProbeWorker(_BaseWorker):
         for new in scheduler_output.scheduled_new_reqs:
             params = new.sampling_params
             self.ext_store.start(new.req_id, params.extra_args if params else None)
+            self.ext_awaiting.add(new.req_id)
+        self.ext_awaiting.difference_update(scheduler_output.finished_req_ids)
         output = super().execute_model(scheduler_output)
         self.ext_pending = None
         if scheduler_output.total_num_scheduled_tokens > 0:
@@ -153,22 +156,29 @@ class ProbeWorker(_BaseWorker):
         return output
 
     def _run_probes(self) -> dict[str, dict[str, float]]:
-        req_ids, rows = self._last_token_rows()
+        """Probe every request on every k-th step; in between only requests that just started
+        (their initial prediction). Steps with nothing to probe return before touching a tensor,
+        so between probe steps the worker's only cost is the layer hook's copy."""
         self.ext_step += 1
-        if self.ext_step % self.ext_config.probe_every != 0:
-            pick = [i for i, r in enumerate(req_ids) if not self.ext_store.has(r)]
+        refresh_all = self.ext_step % self.ext_config.probe_every == 0
+        if not refresh_all and not self.ext_awaiting:
+            return {}
+        req_ids, rows = self._last_token_rows()
+        if not refresh_all:
+            pick = [i for i, r in enumerate(req_ids) if r in self.ext_awaiting]
             if not pick:
                 return {}
             req_ids = [req_ids[i] for i in pick]
             rows = rows[pick]
+        rows = rows.to(self.device)
         results: dict[str, dict[str, float]] = {r: {} for r in req_ids}
         for probe in self.ext_probes:
-            hidden = self.ext_buffers[probe.layer][rows.to(self.device)]
-            out = probe(hidden).cpu()
-            for i, req_id in enumerate(req_ids):
-                results[req_id].update(zip(probe.output_names, out[i].tolist()))
+            out = probe(self.ext_buffers[probe.layer][rows]).cpu().tolist()
+            for req_id, row in zip(req_ids, out):
+                results[req_id].update(zip(probe.output_names, row))
         for req_id, values in results.items():
             self.ext_store.record(req_id, values)
+        self.ext_awaiting.difference_update(req_ids)
         return results
 
     # ---- RPC for the server (collective_rpc) -------------------------------------------------
