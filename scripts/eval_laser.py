@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = {  # name -> additional_config["vllm_ext"]
     "topk": {"moe_router": "topk", "moe_track_load": True},
     "least_loaded": {"moe_router": "least_loaded", "laser_pool_max": 4},
+    "laser": {"moe_router": "laser"},  # the engine's defaults (eps_high 0.9, pool 0.5)
     "laser-a": {"moe_router": "laser", "laser_eps_high": 0.6, "laser_pool_threshold": 0.3},
     "laser-b": {"moe_router": "laser", "laser_eps_high": 0.8, "laser_pool_threshold": 0.5},
     "laser-c": {"moe_router": "laser", "laser_eps_high": 0.95, "laser_pool_threshold": 0.8},

@@ -1,5 +1,6 @@
 """Packaging: namespaced subpackages, plugin entry point, vLLM version guard."""
 import importlib.metadata
+import os
 import subprocess
 import sys
 
@@ -41,6 +42,20 @@ def test_plugin_entry_point_registered_and_idempotent():
     register()
     import vllm_ext
     assert vllm_ext._registered
+
+
+def test_plugin_logs_through_vllm_handlers():
+    """``vllm_ext.*`` INFO lines come out through vLLM's handler, also when vLLM configures
+    its logger after the plugin registered (as its engine processes do)."""
+    code = ("import logging, vllm.logger, vllm_ext; vllm_ext.share_vllm_logging(); "
+            "vllm.logger._configure_vllm_root_logger(); "
+            "logging.getLogger('vllm_ext.worker.probe_worker').info('EXT-INFO-LINE')")
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_CONFIGURE_LOGGING"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = next(x for x in (out.stdout + out.stderr).splitlines() if "EXT-INFO-LINE" in x)
+    assert "INFO" in line  # vLLM's format, not Python's bare last-resort handler
 
 
 def test_version_guard():

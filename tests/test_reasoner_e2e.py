@@ -14,10 +14,16 @@ pytestmark = [pytest.mark.e2e,
                                  reason="trained reasoner not shipped")]
 
 
-def test_vllm_and_hf_agree_on_first_16_greedy_tokens():
-    """Agreement on 16 greedy tokens for at least 19 of 20 prompts; any divergence must be a
-    bf16 near-tie: at the first differing position HF's logit for vLLM's token is within 0.25
-    of HF's own top logit (measured: 1 of 20 prompts diverges at token 12)."""
+@pytest.mark.parametrize("dtype, min_full_matches", [("float32", 20), ("bfloat16", 19)])
+def test_vllm_and_hf_agree_on_first_16_greedy_tokens(dtype, min_full_matches):
+    """Greedy tokens of vLLM (CPU) and HF transformers on 20 prompts, first 16 tokens.
+
+    float32 on both sides (the bf16 weights upcast exactly): all 20 prompts agree, so the two
+    implementations compute the same model. bfloat16 (how the model is served): vLLM's CPU
+    kernels and transformers round differently, so a near-tie can flip; at least 19 of 20
+    agree and any divergence must be such a tie: at the first differing position HF's logit
+    for vLLM's token is within 0.25 of HF's own top logit (measured: 1 of 20 prompts diverges
+    at token 12)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -26,9 +32,10 @@ def test_vllm_and_hf_agree_on_first_16_greedy_tokens():
     tasks = generate_tasks(20, seed=4242)
     reqs = [{"id": f"t{i}", "prompt": prompt_text(t), "max_tokens": 16}
             for i, t in enumerate(tasks)]
-    result = run_engine_job({"model": str(ASSET_DIR), "requests": reqs, "max_num_seqs": 20})
+    result = run_engine_job({"model": str(ASSET_DIR), "requests": reqs, "max_num_seqs": 20,
+                             "llm_kwargs": {"dtype": dtype}})
     tok = AutoTokenizer.from_pretrained(ASSET_DIR)
-    hf = AutoModelForCausalLM.from_pretrained(ASSET_DIR, dtype=torch.bfloat16).eval()
+    hf = AutoModelForCausalLM.from_pretrained(ASSET_DIR, dtype=getattr(torch, dtype)).eval()
     full_matches = 0
     for r in reqs:
         ids = torch.tensor([tok(r["prompt"]).input_ids])
@@ -44,7 +51,7 @@ def test_vllm_and_hf_agree_on_first_16_greedy_tokens():
             logits = hf(prefix).logits[0, -1].float()
         gap = (logits.max() - logits[ours[k]]).item()
         assert gap < 0.25, (r["prompt"], k, gap)
-    assert full_matches >= 19, full_matches
+    assert full_matches >= min_full_matches, full_matches
 
 
 SOLVE_EASY = """

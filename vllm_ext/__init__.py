@@ -9,6 +9,7 @@ logs once which features are available. Scheduling and probes are switched on pe
 from __future__ import annotations
 
 import logging
+import os
 
 __version__ = "0.1.0"
 _registered = False
@@ -23,6 +24,24 @@ FEATURES = {
 }
 
 
+class _ToVllmLogger(logging.Handler):
+    """Hands each record to the ``vllm`` logger, whatever handlers vLLM gives it later."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger("vllm").handle(record)
+
+
+def share_vllm_logging() -> None:
+    """Log through vLLM's handlers at vLLM's level. vLLM configures only the ``vllm`` logger,
+    and in each process only after plugins load, so ``vllm_ext.*`` INFO lines would otherwise
+    be dropped and warnings printed without vLLM's format."""
+    ext = logging.getLogger("vllm_ext")
+    if not any(isinstance(h, _ToVllmLogger) for h in ext.handlers):
+        ext.addHandler(_ToVllmLogger())
+        ext.setLevel(os.environ.get("VLLM_LOGGING_LEVEL", "INFO").upper())
+        ext.propagate = False
+
+
 def register() -> None:
     global _registered
     if _registered:
@@ -30,6 +49,7 @@ def register() -> None:
     from vllm_ext.compat import check_vllm_version
 
     version = check_vllm_version()
+    share_vllm_logging()
     from vllm_ext.moe.patch import install as install_moe_patch
 
     install_moe_patch()  # acts per engine at MoE layer construction; topk engines untouched

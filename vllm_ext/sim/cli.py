@@ -24,7 +24,7 @@ from vllm_ext.sim.queueing import mg1_fcfs_mean_response, mg1_srpt_mean_response
 from vllm_ext.sim.replica import ReplicaConfig, SimRequest, StepCost
 
 
-def _policy(name: str, cap: int = 10**9, sigma: tuple[float, float] = (0.5, 0.3)):
+def _policy(name: str, cap: int = 10**9, sigma: tuple[float, float] = (0.4, 0.27)):
     """``fcfs``/``oracle`` as in the engine; ``trail``/``spjf`` as TRAIL's policy on noisy
     predicted lengths (`vllm_ext.sim.predicted`; log-normal sigmas initial, refined)."""
     if name in ("trail", "spjf"):
@@ -51,38 +51,61 @@ def cmd_mg1(args) -> None:
 
 
 def cmd_profile(args) -> None:
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    from vllm_ext.sim.profile import fit_step_cost, profile_engine, write_profile
+    from vllm_ext.sim.profile import profile_engine, profile_server, write_profile
     from vllm_ext.testbed.model import default_model_path
 
     model = args.model or default_model_path()
-    samples = profile_engine(model, enforce_eager=args.enforce_eager)
-    cost = write_profile(Path(args.out), model, samples)
-    print(f"step cost: {cost}  (fit mean relative error {fit_step_cost(samples)[1]:.1%}); "
-          f"wrote {args.out}")
+    if args.served:
+        from vllm_ext.bench.servers import running_server
+
+        log = Path(args.out).with_suffix(".server.log")
+        with running_server("ext", model, args.server_args, log) as base_url:
+            samples = profile_server(base_url, batch_sizes=args.batch_sizes)
+        if args.calibration_run:  # decode steps as timed under load in that run
+            from vllm_ext.sim.profile import loaded_decode_samples
+
+            recs = [json.loads(x) for x in Path(args.calibration_run).read_text().splitlines()]
+            samples = [s for s in samples if s[0] != s[1]] + loaded_decode_samples(recs)
+    else:
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        samples = profile_engine(model, enforce_eager=args.enforce_eager)
+    write_profile(Path(args.out), model, samples, served=args.served)
+    data = json.loads(Path(args.out).read_text())
+    print(f"step cost: {data['cost']}, request overhead {data['request_overhead_s'] * 1e3:.1f} ms"
+          f" (fit mean relative error {data['fit_mean_rel_error']:.1%}); wrote {args.out}")
 
 
 def cmd_replay(args) -> None:
-    from vllm_ext.sim.profile import load_profile
+    from vllm_ext.sim.profile import load_profile, load_request_overhead
 
-    cost = load_profile(args.profile)
+    cost, overhead = load_profile(args.profile), load_request_overhead(args.profile)
     data = json.loads((Path(args.compare) / "compare.json").read_text())
     cfg = ReplicaConfig(max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens, cost=cost)
-    print(f"{'config':<10}{'rate':>6}{'measured (s)':>14}{'simulated (s)':>15}{'sim/meas':>10}")
+    print(f"{'config':<10}{'rate':>6}{'runs':>5}{'measured (s)':>14}{'simulated (s)':>15}"
+          f"{'sim/meas':>10}")
+    seen = set()
     for row in data["rows"]:
+        if (row["config"], row["rate"]) in seen:
+            continue
+        seen.add((row["config"], row["rate"]))
         policy = args.policy_of.get(row["config"], row["config"])
-        path = Path(args.compare) / f"{row['config']}@{row['rate']}.jsonl"
-        recs = [json.loads(line) for line in path.read_text().splitlines()]
-        recs = [r for r in recs if r["error"] is None][args.warmup:]
-        reqs = [SimRequest(str(r["index"]), r["arrival_s"], r["prompt_tokens"],
-                           max(1, r["output_tokens"]), max(1, r["output_tokens"])) for r in recs]
-        policy_factory = _policy(policy, args.max_preemptions, (args.sigma_initial,
-                                                                args.sigma_refined))
-        sim = latency_stats(simulate(reqs, cfg, policy_factory))["mean_e2el_s"]
-        meas = float(np.mean([r["e2el_s"] for r in recs]))
-        print(f"{row['config']:<10}{row['rate']:>6.2f}{meas:>14.3f}{sim:>15.3f}{sim / meas:>10.3f}")
+        paths = sorted(Path(args.compare).glob(f"{row['config']}@{row['rate']}.r*.jsonl"))
+        meas, sim = [], []
+        for path in paths:  # one file per repeat: same arrivals, measured separately
+            recs = [json.loads(line) for line in path.read_text().splitlines()]
+            recs = [r for r in recs if r["error"] is None][args.warmup:]
+            reqs = [SimRequest(str(r["index"]), r["arrival_s"] + overhead, r["prompt_tokens"],
+                               max(1, r["output_tokens"]), max(1, r["output_tokens"]))
+                    for r in recs]
+            factory = _policy(policy, args.max_preemptions, (args.sigma_initial,
+                                                             args.sigma_refined))
+            sim.append(latency_stats(simulate(reqs, cfg, factory))["mean_e2el_s"] + overhead)
+            meas.append(float(np.mean([r["e2el_s"] for r in recs])))
+        m, s_ = float(np.mean(meas)), float(np.mean(sim))
+        print(f"{row['config']:<10}{row['rate']:>6.2f}{len(paths):>5}{m:>14.3f}{s_:>15.3f}"
+              f"{s_ / m:>10.3f}")
 
 
 def cmd_scale(args) -> None:
@@ -105,7 +128,8 @@ def cmd_scale(args) -> None:
             reqs = [SimRequest(str(i), float(t[i]), int(p), int(o), int(o))
                     for i, (p, o) in enumerate(zip(prompts, outs))]
             for policy in args.policies:
-                st = latency_stats(simulate(reqs, cfg, _policy(policy), n_rep, args.router))
+                factory = _policy(policy, sigma=(args.sigma_initial, args.sigma_refined))
+                st = latency_stats(simulate(reqs, cfg, factory, n_rep, args.router))
                 rows.append({"config": f"{policy} x{n_rep}", "rate": per_replica_rate,
                              "mean_e2el_ms": st["mean_e2el_s"] * 1000,
                              "p99_e2el_ms": st["p99_e2el_s"] * 1000})
@@ -114,6 +138,13 @@ def cmd_scale(args) -> None:
     if args.plot:
         plot_sweep(Path(args.plot), rows)
         print(f"wrote {args.plot} (SIMULATED)")
+
+
+def _add_sigma_args(parser) -> None:
+    parser.add_argument("--sigma-initial", type=float, default=0.4,
+                        help="trail/spjf: log-normal error of the initial length prediction")
+    parser.add_argument("--sigma-refined", type=float, default=0.27,
+                        help="trail: log-normal error of each refreshed remaining prediction")
 
 
 def main(argv: list[str]) -> None:
@@ -129,6 +160,14 @@ def main(argv: list[str]) -> None:
     p.add_argument("--model")
     p.add_argument("--out", default="results/profile.json")
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--served", action="store_true",
+                   help="profile the OpenAI server (as bench compare runs it), not LLMEngine")
+    p.add_argument("--server-args", default="", help="--served: flags for the server")
+    p.add_argument("--calibration-run", help="--served: a bench run's JSONL; its inter-token "
+                   "gaps under load replace the idle decode timings")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 3, 4],
+                   help="--served: concurrent decodes to time (keep <= the server's "
+                        "--max-num-seqs)")
     r = sub.add_parser("replay", help="simulate a bench compare run next to its measurements")
     r.add_argument("--compare", required=True, help="output folder of `vllm-ext bench compare`")
     r.add_argument("--profile", required=True)
@@ -138,10 +177,7 @@ def main(argv: list[str]) -> None:
     r.add_argument("--policy-of", type=json.loads, default={"stock": "fcfs"},
                    help='JSON map from config name to policy, e.g. {"stock": "fcfs"}')
     r.add_argument("--max-preemptions", type=int, default=4, help="the engine's per-request cap")
-    r.add_argument("--sigma-initial", type=float, default=0.5,
-                   help="trail/spjf: log-normal error of the initial length prediction")
-    r.add_argument("--sigma-refined", type=float, default=0.3,
-                   help="trail: log-normal error of each refreshed remaining-length prediction")
+    _add_sigma_args(r)
     s = sub.add_parser("scale", help="many replicas (simulated only)")
     s.add_argument("--replicas", type=int, nargs="+", default=[8, 16, 32, 64])
     s.add_argument("--rates", type=float, nargs="+", default=[2.0, 4.0],
@@ -156,6 +192,7 @@ def main(argv: list[str]) -> None:
     s.add_argument("--max-out", type=int, default=300)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--plot")
+    _add_sigma_args(s)
     args = parser.parse_args(argv)
     {"mg1": cmd_mg1, "profile": cmd_profile, "replay": cmd_replay, "scale": cmd_scale}[
         args.command](args)

@@ -10,7 +10,10 @@ policy comparison sees the same predictions.
 
 Ordering, the limited-preemption rule (preemptible while generated <= c x initial prediction),
 the margin and the per-request cap are `TrailPolicy`'s own: only `initial` and `remaining` are
-replaced. ``sigma = 0`` gives TRAIL's preemption limit on exact lengths.
+replaced. ``sigma = 0`` gives TRAIL's preemption limit on exact lengths. The defaults match the
+shipped probe of the embedded model: its validation MAE over the mean (remaining) length of the
+testbed trace, 38.9 / 114 = 0.34 for the initial and 25.5 / 114 = 0.22 for the smoothed k = 8
+estimate, is the mean relative error of exp(sigma z) at sigma 0.40 and 0.27.
 """
 from __future__ import annotations
 
@@ -25,8 +28,8 @@ from vllm_ext.sched.trail import TrailPolicy
 
 @dataclass
 class NoisyTrailPolicy(TrailPolicy):
-    sigma_initial: float = 0.5
-    sigma_refined: float = 0.3
+    sigma_initial: float = 0.4
+    sigma_refined: float = 0.27
     refresh_every: int = 8
     seed: int = 0
 

@@ -4,6 +4,11 @@ Runs the model through vLLM's `LLMEngine` step by step: for each batch size, one
 B prompts, then decode steps of B tokens; each step's wall time is recorded with the tokens and
 requests it scheduled, and `base + per_token * tokens + per_seq * seqs` is fitted by least
 squares. ``vllm-ext simulate profile --out profile.json`` writes the fit and the raw samples.
+
+``--served`` measures the served engine instead (`profile_server`): the OpenAI server started
+as `bench compare` starts it, timed by the same streaming client. That cost includes what the
+in-process `LLMEngine` loop does not see (API server, IPC, detokenisation and streaming, all
+sharing the CPU with the engine), which is what a replay of served latencies needs.
 """
 from __future__ import annotations
 
@@ -51,12 +56,88 @@ def profile_engine(model: str, batch_sizes=(1, 2, 4, 8, 16, 32), prompt_len: int
     return samples
 
 
-def write_profile(path: Path, model: str, samples) -> StepCost:
-    cost, err = fit_step_cost(samples)
-    path.write_text(json.dumps({"model": model, "cost": cost.__dict__, "fit_mean_rel_error": err,
+def profile_server(base_url: str, model: str = "bench", batch_sizes=(1, 2, 4, 8),
+                   prompt_lens=(64, 256, 1024), decode_tokens: int = 64, repeats: int = 3):
+    """(tokens, seqs, seconds) samples from a live server: B concurrent requests decoding
+    ``decode_tokens`` each give (B, B, median inter-token gap); one request of P prompt
+    tokens and a single output token gives (P, 1, time to first token)."""
+    import asyncio
+
+    import numpy as np
+
+    from vllm_ext.bench.loadgen import run_load
+    from vllm_ext.bench.workload import BenchRequest
+
+    def run(reqs):
+        return asyncio.run(run_load(base_url, model, reqs, send_true_len=False, ignore_eos=True,
+                                    progress=False))[0]
+
+    text = "calc 12+34 = " * 200   # byte-level tokenizer: one token per character
+    run([BenchRequest(0.0, text[:64], 8)])  # warm-up
+    samples = []
+    for _ in range(repeats):
+        for b in batch_sizes:
+            recs = run([BenchRequest(0.0, text[:16 + i], decode_tokens) for i in range(b)])
+            gaps = [g for r in recs if r.ok for g in r.itl_s[2:]]
+            samples.append((b, b, float(np.median(gaps))))
+        for p in prompt_lens:
+            rec = run([BenchRequest(0.0, text[:p], 1)])[0]
+            samples.append((rec.prompt_tokens or p, 1, rec.ttft_s))
+    return samples
+
+
+def fit_served_cost(samples) -> tuple[StepCost, float, float]:
+    """Served samples: decode gaps (tokens == seqs) fix ``base`` and ``per_token + per_seq``;
+    the slope of TTFT over prompt length fixes ``per_token``; what TTFT has beyond one step is
+    the per-request overhead of the server (HTTP, tokenisation, first chunk), returned apart
+    because it delays a request without occupying engine steps. Also the fit's mean relative
+    error over the decode samples."""
+    dec = np.array([(t, dt) for t, s, dt in samples if t == s])
+    pre = np.array([(t, dt) for t, s, dt in samples if t != s])
+    per_tok_seq, base = np.polyfit(dec[:, 0], dec[:, 1], 1)
+    per_token = max(0.0, float(np.polyfit(pre[:, 0], pre[:, 1], 1)[0]))
+    cost = StepCost(max(0.0, float(base)), per_token, max(0.0, float(per_tok_seq) - per_token))
+    overhead = float(np.mean([dt - cost.step_time(int(t), 1) for t, dt in pre]))
+    err = float(np.mean([abs(cost.step_time(int(t), int(t)) - dt) / dt for t, dt in dec]))
+    return cost, max(0.0, overhead), err
+
+
+def loaded_decode_samples(records: list[dict]) -> list[tuple[int, int, float]]:
+    """Decode step times under real load, from one `bench serve`/`compare` run's records:
+    every inter-token gap of every request, with the number of requests decoding at that
+    moment; the mean gap per concurrency B gives a (B, B, seconds) sample. Under load a step
+    is slower than on an idle server (the API server's work for arriving requests shares the
+    CPU), which is why a replay of loaded runs needs these rather than idle decode timings."""
+    spans, gaps = [], []
+    for r in records:
+        if r.get("error") is not None or not r.get("itl_s"):
+            continue
+        t = r["send_s"] + r["ttft_s"] + np.concatenate([[0.0], np.cumsum(r["itl_s"])])
+        spans.append((t[0], t[-1]))
+        gaps += [((a + b) / 2, b - a) for a, b in zip(t[:-1], t[1:])]
+    starts, ends = np.sort([s for s, _ in spans]), np.sort([e for _, e in spans])
+    mids = np.array([m for m, _ in gaps])
+    conc = np.searchsorted(starts, mids) - np.searchsorted(ends, mids)
+    dts = np.array([g for _, g in gaps])
+    return [(int(b), int(b), float(np.mean(dts[conc == b])))
+            for b in np.unique(conc) if b > 0 and (conc == b).sum() >= 50]
+
+
+def write_profile(path: Path, model: str, samples, served: bool = False) -> StepCost:
+    if served:
+        cost, overhead, err = fit_served_cost(samples)
+    else:
+        (cost, err), overhead = fit_step_cost(samples), 0.0
+    path.write_text(json.dumps({"model": model, "served": served, "cost": cost.__dict__,
+                                "request_overhead_s": overhead, "fit_mean_rel_error": err,
                                 "samples": samples}, indent=1))
     return cost
 
 
 def load_profile(path: str | Path) -> StepCost:
     return StepCost(**json.loads(Path(path).read_text())["cost"])
+
+
+def load_request_overhead(path: str | Path) -> float:
+    """Seconds a served request spends outside engine steps (0 for an LLMEngine profile)."""
+    return float(json.loads(Path(path).read_text()).get("request_overhead_s", 0.0))
