@@ -89,7 +89,8 @@ def test_noisy_trail_predictions_are_seeded_and_count_down():
 
     pol = NoisyTrailPolicy(sigma_initial=0.5, sigma_refined=0.3, refresh_every=8, seed=7)
     view = lambda g: RequestView("a", 0.0, 10, g, 500, true_output_len=100)  # noqa: E731
-    assert pol.initial(view(0)) == NoisyTrailPolicy(seed=7).initial(view(0))
+    twin = NoisyTrailPolicy(sigma_initial=0.5, sigma_refined=0.3, refresh_every=8, seed=7)
+    assert pol.initial(view(0)) == twin.initial(view(0))  # seeded per request, not per call
     assert pol.initial(view(0)) != pytest.approx(100)            # there is an error
     assert pol.remaining(view(9)) == pytest.approx(pol.remaining(view(8)) - 1)  # count-down
     exact = NoisyTrailPolicy(sigma_initial=0.0, sigma_refined=0.0)

@@ -18,7 +18,7 @@ estimate, is the mean relative error of exp(sigma z) at sigma 0.40 and 0.27.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -32,16 +32,20 @@ class NoisyTrailPolicy(TrailPolicy):
     sigma_refined: float = 0.27
     refresh_every: int = 8
     seed: int = 0
+    draws: dict = field(default_factory=dict, repr=False)  # (request, refresh) -> exp(sigma z)
 
     @property
     def name(self) -> str:
         return "trail-sim"
 
     def _noisy(self, view: RequestView, value: float, refresh: int) -> float:
-        key = zlib.crc32(f"{self.seed}:{view.request_id}:{refresh}".encode())
-        z = np.random.default_rng(key).standard_normal()
-        sigma = self.sigma_initial if refresh == 0 else self.sigma_refined
-        return max(1.0, value * float(np.exp(sigma * z)))
+        factor = self.draws.get((view.request_id, refresh))
+        if factor is None:
+            key = zlib.crc32(f"{self.seed}:{view.request_id}:{refresh}".encode())
+            z = np.random.default_rng(key).standard_normal()
+            sigma = self.sigma_initial if refresh == 0 else self.sigma_refined
+            factor = self.draws[(view.request_id, refresh)] = float(np.exp(sigma * z))
+        return max(1.0, value * factor)
 
     def _true_total(self, view: RequestView) -> int:
         return view.true_output_len if view.true_output_len is not None else view.max_tokens
