@@ -13,8 +13,7 @@ import torch
 from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
-from vllm_ext.kernels.engine import HackAttentionImpl, HackMetadataBuilder, hack_customize_spec
-from vllm_ext.kernels.quant import SUPPORTED_HEAD_SIZES
+from vllm_ext.kernels.engine import HackAttentionImpl, HackBackendMixin
 from vllm_ext.kernels.reference import hack_attention_ref
 
 
@@ -22,18 +21,8 @@ class HackCPUAttentionImpl(HackAttentionImpl):
     attend = staticmethod(hack_attention_ref)
 
 
-class HackCPUAttentionBackend(CPUAttentionBackend):
-    forward_includes_kv_cache_update: bool = True
-    supported_kv_cache_dtypes: ClassVar[list] = ["auto"]
+class HackCPUAttentionBackend(HackBackendMixin, CPUAttentionBackend):
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.bfloat16, torch.float16]
-
-    @classmethod
-    def get_supported_head_sizes(cls) -> list[int]:
-        return list(SUPPORTED_HEAD_SIZES)
-
-    @classmethod
-    def customize_spec(cls, spec):
-        return hack_customize_spec(spec)
 
     @classmethod
     def supports_sliding_window(cls) -> bool:
@@ -47,6 +36,3 @@ class HackCPUAttentionBackend(CPUAttentionBackend):
     def get_impl_cls():
         return HackCPUAttentionImpl
 
-    @staticmethod
-    def get_builder_cls():
-        return HackMetadataBuilder

@@ -14,6 +14,7 @@ budget).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
 from vllm.v1.attention.backend import AttentionImpl, AttentionMetadataBuilder, AttentionType
@@ -45,6 +46,25 @@ def hack_customize_spec(spec):
     """Declare the packed bytes per (head, token) cell of vLLM's page."""
     layout = hack_layout(active_ext_config(), spec.head_size)
     return replace(spec, state_content_bytes=layout.token_bytes)
+
+
+class HackBackendMixin:
+    """What the CPU and the Triton HACK backends declare alike (put before vLLM's base)."""
+
+    forward_includes_kv_cache_update: bool = True
+    supported_kv_cache_dtypes: ClassVar[list] = ["auto"]
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return list(SUPPORTED_HEAD_SIZES)
+
+    @classmethod
+    def customize_spec(cls, spec):
+        return hack_customize_spec(spec)
+
+    @staticmethod
+    def get_builder_cls():
+        return HackMetadataBuilder
 
 
 @dataclass

@@ -14,20 +14,16 @@ import torch
 from vllm.v1.attention.backend import AttentionBackend, MultipleOf
 from vllm.v1.kv_cache_layout import KVCacheLayout
 
-from vllm_ext.kernels.engine import (HackAttentionImpl, HackMetadataBuilder, active_ext_config,
-                                     hack_customize_spec)
+from vllm_ext.kernels.engine import HackAttentionImpl, HackBackendMixin, active_ext_config
 from vllm_ext.kernels.hack_attention import hack_attention
-from vllm_ext.kernels.quant import SUPPORTED_HEAD_SIZES
 
 
 class HackTritonAttentionImpl(HackAttentionImpl):
     attend = staticmethod(hack_attention)
 
 
-class HackTritonAttentionBackend(AttentionBackend):
-    forward_includes_kv_cache_update: bool = True
+class HackTritonAttentionBackend(HackBackendMixin, AttentionBackend):
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16]
-    supported_kv_cache_dtypes: ClassVar[list] = ["auto"]
 
     @staticmethod
     def get_name() -> str:
@@ -41,18 +37,7 @@ class HackTritonAttentionBackend(AttentionBackend):
     def supported_kv_cache_layouts(cls) -> tuple:
         return (KVCacheLayout.LBHNC,)  # a block's [H, N, C] bytes contiguous: records per head
 
-    @classmethod
-    def get_supported_head_sizes(cls) -> list[int]:
-        return list(SUPPORTED_HEAD_SIZES)
-
-    @classmethod
-    def customize_spec(cls, spec):
-        return hack_customize_spec(spec)
-
     @staticmethod
     def get_impl_cls():
         return HackTritonAttentionImpl
 
-    @staticmethod
-    def get_builder_cls():
-        return HackMetadataBuilder

@@ -86,7 +86,8 @@ def plot_cdfs(path: Path, runs: dict[str, list[RequestRecord]]) -> None:
     plt.close(fig)
 
 
-def plot_sweep(path: Path, rows: list[dict], metric: str = "mean_e2el_ms") -> None:
+def plot_sweep(path: Path, rows: list[dict], metric: str = "mean_e2el_ms", title: str = "",
+               xlabel: str = "request rate (req/s)") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -95,8 +96,10 @@ def plot_sweep(path: Path, rows: list[dict], metric: str = "mean_e2el_ms") -> No
     for config in dict.fromkeys(r["config"] for r in rows):
         pts = sorted((r["rate"], r[metric]) for r in rows if r["config"] == config and r[metric])
         ax.plot([p[0] for p in pts], [p[1] / 1000 for p in pts], marker="o", label=config)
-    ax.set_xlabel("request rate (req/s)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(metric.replace("_ms", "") + " (s)")
+    if title:
+        ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -136,7 +136,9 @@ def cmd_scale(args) -> None:
                 print(f"{n_rep:>8}{rate:>8.1f}{policy:>8}{st['mean_e2el_s']:>14.3f}"
                       f"{st['p99_e2el_s']:>13.3f}", flush=True)
     if args.plot:
-        plot_sweep(Path(args.plot), rows)
+        plot_sweep(Path(args.plot), rows, title=f"SIMULATED: {args.router} router, "
+                   f"max_num_seqs {args.max_num_seqs} per replica",
+                   xlabel="request rate per replica (req/s)")
         print(f"wrote {args.plot} (SIMULATED)")
 
 
