@@ -34,18 +34,21 @@ from typing import NamedTuple
 
 import torch
 
+from vllm_ext.config import ExtConfig
+
 MODES = ("laser", "least_loaded")
 SCORING_FUNCS = ("softmax", "sigmoid")
 
 
 @dataclass(frozen=True)
 class LaserParams:
+    """One layer's routing settings; the defaults are the engine's (`ExtConfig.laser_*`)."""
     mode: str = "laser"
-    eps_high: float = 0.9
-    entropy_max: float = 0.0
-    pool_threshold: float = 0.5
-    pool_max: int = 4
-    rounds: int = 8
+    eps_high: float = ExtConfig.laser_eps_high
+    entropy_max: float = ExtConfig.laser_entropy_max
+    pool_threshold: float = ExtConfig.laser_pool_threshold
+    pool_max: int = ExtConfig.laser_pool_max
+    rounds: int = ExtConfig.laser_rounds
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

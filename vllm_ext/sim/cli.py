@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from vllm_ext.bench.workload import arrival_times
+from vllm_ext.config import ExtConfig
 from vllm_ext.sched.policy import make_policy
 from vllm_ext.sim.cluster import ROUTERS, latency_stats, simulate
 from vllm_ext.sim.predicted import NoisyTrailPolicy
@@ -24,10 +25,11 @@ from vllm_ext.sim.queueing import mg1_fcfs_mean_response, mg1_srpt_mean_response
 from vllm_ext.sim.replica import ReplicaConfig, SimRequest, StepCost
 
 
-def _policy(name: str, cap: int = 10**9, sigma: tuple[float, float] = (0.4, 0.27)):
+def _policy(name: str, cap: int = 10**9, sigma: tuple[float, float] | None = None):
     """``fcfs``/``oracle`` as in the engine; ``trail``/``spjf`` as TRAIL's policy on noisy
     predicted lengths (`vllm_ext.sim.predicted`; log-normal sigmas initial, refined)."""
     if name in ("trail", "spjf"):
+        sigma = sigma or (NoisyTrailPolicy.sigma_initial, NoisyTrailPolicy.sigma_refined)
         return lambda: NoisyTrailPolicy(max_preemptions_per_request=cap, refine=name == "trail",
                                         sigma_initial=sigma[0], sigma_refined=sigma[1])
     return lambda: make_policy(name, max_preemptions_per_request=cap)
@@ -70,16 +72,15 @@ def cmd_profile(args) -> None:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         samples = profile_engine(model, enforce_eager=args.enforce_eager)
-    write_profile(Path(args.out), model, samples, served=args.served)
-    data = json.loads(Path(args.out).read_text())
+    data = write_profile(Path(args.out), model, samples, served=args.served)
     print(f"step cost: {data['cost']}, request overhead {data['request_overhead_s'] * 1e3:.1f} ms"
           f" (fit mean relative error {data['fit_mean_rel_error']:.1%}); wrote {args.out}")
 
 
 def cmd_replay(args) -> None:
-    from vllm_ext.sim.profile import load_profile, load_request_overhead
+    from vllm_ext.sim.profile import load_profile
 
-    cost, overhead = load_profile(args.profile), load_request_overhead(args.profile)
+    cost, overhead = load_profile(args.profile)
     data = json.loads((Path(args.compare) / "compare.json").read_text())
     cfg = ReplicaConfig(max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens, cost=cost)
@@ -91,6 +92,7 @@ def cmd_replay(args) -> None:
             continue
         seen.add((row["config"], row["rate"]))
         policy = args.policy_of.get(row["config"], row["config"])
+        factory = _policy(policy, args.max_preemptions, (args.sigma_initial, args.sigma_refined))
         paths = sorted(Path(args.compare).glob(f"{row['config']}@{row['rate']}.r*.jsonl"))
         meas, sim = [], []
         for path in paths:  # one file per repeat: same arrivals, measured separately
@@ -99,8 +101,6 @@ def cmd_replay(args) -> None:
             reqs = [SimRequest(str(r["index"]), r["arrival_s"] + overhead, r["prompt_tokens"],
                                max(1, r["output_tokens"]), max(1, r["output_tokens"]))
                     for r in recs]
-            factory = _policy(policy, args.max_preemptions, (args.sigma_initial,
-                                                             args.sigma_refined))
             sim.append(latency_stats(simulate(reqs, cfg, factory))["mean_e2el_s"] + overhead)
             meas.append(float(np.mean([r["e2el_s"] for r in recs])))
         m, s_ = float(np.mean(meas)), float(np.mean(sim))
@@ -112,7 +112,7 @@ def cmd_scale(args) -> None:
     from vllm_ext.bench.report import plot_sweep
     from vllm_ext.sim.profile import load_profile
 
-    cost = load_profile(args.profile) if args.profile else StepCost()
+    cost = load_profile(args.profile)[0] if args.profile else StepCost()
     cfg = ReplicaConfig(max_num_seqs=args.max_num_seqs, num_blocks=args.num_blocks,
                         block_size=16, cost=cost)
     rng = np.random.default_rng(args.seed)
@@ -143,9 +143,9 @@ def cmd_scale(args) -> None:
 
 
 def _add_sigma_args(parser) -> None:
-    parser.add_argument("--sigma-initial", type=float, default=0.4,
+    parser.add_argument("--sigma-initial", type=float, default=NoisyTrailPolicy.sigma_initial,
                         help="trail/spjf: log-normal error of the initial length prediction")
-    parser.add_argument("--sigma-refined", type=float, default=0.27,
+    parser.add_argument("--sigma-refined", type=float, default=NoisyTrailPolicy.sigma_refined,
                         help="trail: log-normal error of each refreshed remaining prediction")
 
 
@@ -178,7 +178,8 @@ def main(argv: list[str]) -> None:
     r.add_argument("--warmup", type=int, default=0)
     r.add_argument("--policy-of", type=json.loads, default={"stock": "fcfs"},
                    help='JSON map from config name to policy, e.g. {"stock": "fcfs"}')
-    r.add_argument("--max-preemptions", type=int, default=4, help="the engine's per-request cap")
+    r.add_argument("--max-preemptions", type=int, default=ExtConfig.max_preemptions_per_request,
+                   help="the engine's per-request cap")
     _add_sigma_args(r)
     s = sub.add_parser("scale", help="many replicas (simulated only)")
     s.add_argument("--replicas", type=int, nargs="+", default=[8, 16, 32, 64])

@@ -63,8 +63,6 @@ def profile_server(base_url: str, model: str = "bench", batch_sizes=(1, 2, 4, 8)
     tokens and a single output token gives (P, 1, time to first token)."""
     import asyncio
 
-    import numpy as np
-
     from vllm_ext.bench.loadgen import run_load
     from vllm_ext.bench.workload import BenchRequest
 
@@ -123,21 +121,20 @@ def loaded_decode_samples(records: list[dict]) -> list[tuple[int, int, float]]:
             for b in np.unique(conc) if b > 0 and (conc == b).sum() >= 50]
 
 
-def write_profile(path: Path, model: str, samples, served: bool = False) -> StepCost:
+def write_profile(path: Path, model: str, samples, served: bool = False) -> dict:
+    """Fit the samples, write the profile JSON and return what was written."""
     if served:
         cost, overhead, err = fit_served_cost(samples)
     else:
         (cost, err), overhead = fit_step_cost(samples), 0.0
-    path.write_text(json.dumps({"model": model, "served": served, "cost": cost.__dict__,
-                                "request_overhead_s": overhead, "fit_mean_rel_error": err,
-                                "samples": samples}, indent=1))
-    return cost
+    data = {"model": model, "served": served, "cost": cost.__dict__,
+            "request_overhead_s": overhead, "fit_mean_rel_error": err, "samples": samples}
+    path.write_text(json.dumps(data, indent=1))
+    return data
 
 
-def load_profile(path: str | Path) -> StepCost:
-    return StepCost(**json.loads(Path(path).read_text())["cost"])
-
-
-def load_request_overhead(path: str | Path) -> float:
-    """Seconds a served request spends outside engine steps (0 for an LLMEngine profile)."""
-    return float(json.loads(Path(path).read_text()).get("request_overhead_s", 0.0))
+def load_profile(path: str | Path) -> tuple[StepCost, float]:
+    """The step cost and the seconds a served request spends outside engine steps (0 for an
+    LLMEngine profile)."""
+    data = json.loads(Path(path).read_text())
+    return StepCost(**data["cost"]), float(data.get("request_overhead_s", 0.0))

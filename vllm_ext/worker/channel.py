@@ -35,10 +35,6 @@ class PredictionStore:
         while len(self.entries) > self.capacity:
             self.entries.popitem(last=False)
 
-    def has(self, req_id: str) -> bool:
-        entry = self.entries.get(req_id)
-        return entry is not None and entry.steps > 0
-
     def record(self, req_id: str, values: dict[str, float]) -> None:
         entry = self.entries.get(req_id)
         if entry is None:
