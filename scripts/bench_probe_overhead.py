@@ -3,6 +3,12 @@
 
 Each configuration runs in its own process (one engine each), same seeded batch:
     .venv/bin/python scripts/bench_probe_overhead.py --probe vllm_ext/assets/probes/length-*.pt
+
+With ``--policies fcfs,spjf,trail,oracle`` it measures the scheduler policies instead: all
+``--queue`` requests (mixed lengths) are queued at once in front of ``--batch`` decode slots,
+so every step sorts a deep waiting queue, and policy preemption is off, so every policy does
+the same token work and the throughput ratio is the policy's own per-step cost (ordering,
+prediction bookkeeping, probe). Ratios are against the first policy listed.
 """
 from __future__ import annotations
 
@@ -23,10 +29,19 @@ def child(spec: dict) -> None:
     if spec["worker"] == "ext":
         kwargs["worker_cls"] = "vllm_ext.worker.probe_worker.ProbeWorker"
         kwargs["additional_config"] = {"vllm_ext": spec["ext"]}
+    if spec["worker"] == "ext" and "policy" in spec["ext"]:
+        kwargs["scheduler_cls"] = "vllm_ext.sched.scheduler.PredictiveScheduler"
     llm = LLM(**kwargs)
-    prompts = [{"prompt_token_ids": [100 + (i * 7 + j) % 60 for j in range(32)]}
-               for i in range(spec["batch"])]
-    params = SamplingParams(max_tokens=spec["tokens"], ignore_eos=True, temperature=0.0)
+    n = spec.get("queue") or spec["batch"]
+    prompts = [{"prompt_token_ids": [100 + (i * 7 + j) % 60 for j in range(32 if n == spec["batch"]
+                                                                         else 16 + i % 48)]}
+               for i in range(n)]
+    if n == spec["batch"]:
+        params = SamplingParams(max_tokens=spec["tokens"], ignore_eos=True, temperature=0.0)
+    else:  # mixed lengths; the oracle is told each one
+        lens = [8 + (i * 37) % spec["tokens"] for i in range(n)]
+        params = [SamplingParams(max_tokens=m, ignore_eos=True, temperature=0.0,
+                                 extra_args={"ext_true_output_len": m}) for m in lens]
     llm.generate(prompts[:4], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
     rates = []
     for _ in range(spec["repeats"]):
@@ -39,17 +54,21 @@ def child(spec: dict) -> None:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model")
-    p.add_argument("--probe", required=True)
+    p.add_argument("--probe", help="the length probe file (not needed with --policies)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds against drift")
+    p.add_argument("--policies", help="comma list: measure scheduler policies instead (see top)")
+    p.add_argument("--queue", type=int, default=96, help="--policies: requests queued at once")
     args = p.parse_args()
     from vllm_ext.testbed.model import default_model_path
 
     model = args.model or default_model_path()
+    if not (args.probe or args.policies):
+        p.error("--probe is required (unless --policies)")
     base = {"model": model, "batch": args.batch, "tokens": args.tokens, "repeats": args.repeats}
-    configs = [
+    configs = policy_configs(args, base) if args.policies else [
         {"name": "stock worker", "worker": "stock"},
         {"name": "ProbeWorker, no probe", "worker": "ext", "ext": {}},
         {"name": "probe every 8 steps", "worker": "ext",
@@ -66,13 +85,23 @@ def main() -> None:
             if line is None:
                 sys.exit(f"{cfg['name']} failed:\n{(out.stdout + out.stderr)[-3000:]}")
             results.setdefault(cfg["name"], []).extend(json.loads(line[7:])["tok_per_s"])
-    best, median = max(results["stock worker"]), statistics.median(results["stock worker"])
-    print(f"decode throughput, batch {args.batch}, {args.tokens} tokens each, "
-          f"{args.rounds * args.repeats} runs per configuration; ratio to the stock worker")
+    ref = configs[0]["name"]
+    best, median = max(results[ref]), statistics.median(results[ref])
+    what = (f"{args.queue} requests queued, 8..{args.tokens + 7} tokens" if args.policies
+            else f"{args.tokens} tokens each")
+    print(f"decode throughput, batch {args.batch}, {what}, "
+          f"{args.rounds * args.repeats} runs per configuration; ratio to {ref}")
     print(f"  {'':<24}{'best tok/s':>11}{'ratio':>8}{'median tok/s':>14}{'ratio':>8}")
     for name, rates in results.items():
         print(f"  {name:<24}{max(rates):>11.0f}{max(rates) / best:>7.3f}x"
               f"{statistics.median(rates):>14.0f}{statistics.median(rates) / median:>7.3f}x")
+
+
+def policy_configs(args, base: dict) -> list[dict]:
+    base["queue"] = args.queue
+    ext = {"max_preemptions_per_request": 0}  # same token work for every policy
+    return [{"name": name, "worker": "ext", "ext": {**ext, "policy": name}}
+            for name in args.policies.split(",")]
 
 
 if __name__ == "__main__":

@@ -49,6 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--minutes", type=float, default=40.0, help="training time budget (total, incl. resumed)")
     p.add_argument("--steps", type=int, default=0, help="max optimizer steps (0: time budget only)")
     p.add_argument("--resume", nargs="?", const="auto", default=None, help="resume from --out/ckpt.pt or a path")
+    p.add_argument("--init-from", default=None,
+                   help="start from this model folder's weights (fine-tune, e.g. with a larger --aux-coef)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--min-lr-frac", type=float, default=0.05)
@@ -59,6 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--difficulty-mix", default="1:4,2:2,3:1", help="difficulty:weight,...")
     p.add_argument("--kind-mix", default="", help="kind:weight,... (default: uniform)")
     p.add_argument("--aux-coef", type=float, default=0.001, help="router load-balancing loss coefficient")
+    p.add_argument("--router-jitter", type=float, default=0.0,
+                   help="router jitter noise (Switch/Mixtral): multiplicative input noise in training")
     p.add_argument("--experts-impl", default="grouped_mm", help="transformers experts implementation")
     p.add_argument("--eval-every-min", type=float, default=5.0)
     p.add_argument("--eval-per-kind", type=int, default=6, help="held-out difficulty-1 tasks per kind")
@@ -193,7 +197,8 @@ def lr_at(args, step: int, progress: float) -> float:
 
 
 def build_model(args, vocab: int) -> MixtralForCausalLM:
-    cfg = tiny_mixtral_config(vocab, output_router_logits=True, router_aux_loss_coef=args.aux_coef)
+    cfg = tiny_mixtral_config(vocab, output_router_logits=True, router_aux_loss_coef=args.aux_coef,
+                              router_jitter_noise=args.router_jitter)
     torch.manual_seed(args.seed)
     model = MixtralForCausalLM(cfg).float()
     try:
@@ -253,6 +258,10 @@ def main(argv=None):
         print(f"resumed from {ckpt_path} at step {state['step']} ({state['elapsed'] / 60:.1f} min)", flush=True)
     elif args.resume:
         print(f"no checkpoint at {ckpt_path}; starting fresh", flush=True)
+    if args.init_from and not (args.resume and ckpt_path.exists()):
+        init = MixtralForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
+        model.load_state_dict(init.state_dict())
+        print(f"initialised from {args.init_from}", flush=True)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M params, config {model.config.to_diff_dict()}", flush=True)
     print(f"args: {vars(args)}", flush=True)

@@ -38,3 +38,57 @@ def test_oracle_preemption_cap():
     running = [view("r1", 0, true_len=30), view("r2", 0, true_len=80, preempted=2)]
     assert p.choose_victim(view("w", 1, true_len=5), running).request_id == "r1"
     assert p.choose_victim(view("w", 1, true_len=5), running[1:]) is None
+
+
+# ---- the scheduler adapter's cache of waiting-queue keys (no engine) -----------------------
+class _CountingOracle(OraclePolicy):
+    calls = 0
+
+    def sort_key(self, v):
+        type(self).calls += 1
+        return super().sort_key(v)
+
+
+def _adapter(requests):
+    from types import SimpleNamespace
+
+    from vllm.v1.core.sched.request_queue import FCFSRequestQueue
+
+    from vllm_ext.sched.scheduler import _PredictiveMixin
+
+    class _Base:  # the two Scheduler methods the mixin calls through super()
+        def update_from_output(self, scheduler_output, model_runner_output):
+            return {}
+
+    class Adapter(_PredictiveMixin, _Base):
+        pass
+
+    s = object.__new__(Adapter)  # no vLLM engine: set what the mixin's methods read
+    s.ext_policy, s.ext_predictions, s.ext_waiting_keys = _CountingOracle(), {}, {}
+    s.requests, s.running, s.waiting = {}, [], FCFSRequestQueue()
+    for rid, arrival, true_len in requests:
+        r = SimpleNamespace(request_id=rid, arrival_time=arrival, num_prompt_tokens=5,
+                            num_output_tokens=0, max_tokens=100, num_preemptions=0,
+                            sampling_params=SimpleNamespace(extra_args={"ext_true_output_len": true_len}))
+        s.requests[rid] = r
+        s.waiting.append(r)
+    return s, SimpleNamespace
+
+
+def test_waiting_keys_are_cached_and_refreshed_when_the_request_changes():
+    s, ns = _adapter([("a", 0, 50), ("b", 1, 20), ("c", 2, 30)])
+    _CountingOracle.calls = 0
+    s._sort_waiting()
+    assert [r.request_id for r in s.waiting] == ["b", "c", "a"]
+    s._sort_waiting()
+    assert _CountingOracle.calls == 3  # second sort: every key from the cache
+    s.requests["a"].num_output_tokens = 45  # "a" ran 45 tokens and was preempted back
+    s.requests["a"].num_preemptions = 1
+    s._sort_waiting()
+    assert [r.request_id for r in s.waiting] == ["a", "b", "c"] and _CountingOracle.calls == 4
+    # a new prediction for "b" drops its key; requests gone from `waiting` leave the cache
+    s.waiting.remove(s.requests["c"])
+    s.update_from_output(None, ns(probe_values={"b": {"remaining": 1.0}}))
+    assert set(s.ext_waiting_keys) == {"a"}
+    s._sort_waiting()
+    assert _CountingOracle.calls == 5

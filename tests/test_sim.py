@@ -109,3 +109,15 @@ def test_predicted_srpt_sits_between_fcfs_and_oracle():
             [("fcfs", lambda: make_policy("fcfs")), ("oracle", lambda: make_policy("oracle")),
              ("trail", lambda: NoisyTrailPolicy(sigma_initial=0.5, sigma_refined=0.3))]}
     assert mean["oracle"] < mean["trail"] < mean["fcfs"]
+
+
+def test_loaded_decode_samples_leave_out_preemption_stalls():
+    from vllm_ext.sim.profile import loaded_decode_samples
+
+    # A decodes 60 tokens at 2 ms, is preempted for 200 ms, decodes 60 more; B decodes at 3 ms
+    a = {"send_s": 0.0, "ttft_s": 0.01, "itl_s": [0.002] * 60 + [0.2] + [0.002] * 60, "error": None}
+    b = {"send_s": 0.0, "ttft_s": 0.01, "itl_s": [0.003] * 180, "error": None}
+    samples = {n: dt for n, _, dt in loaded_decode_samples([a, b])}
+    assert set(samples) == {1, 2}
+    assert samples[1] == pytest.approx(0.003)  # B alone, also while A was preempted
+    assert 0.002 < samples[2] < 0.003          # the 200 ms stall is not a step

@@ -39,6 +39,9 @@ class _PredictiveMixin:
         self.ext_config = ExtConfig.from_vllm_config(vllm_config)
         self.ext_policy = build_policy(self.ext_config, vllm_config.model_config)
         self.ext_predictions: dict[str, dict[str, float]] = {}
+        # sort keys of waiting requests: they hold while a request waits (no tokens, no new
+        # predictions), so a deep queue is not re-keyed every step; entry = (state, key)
+        self.ext_waiting_keys: dict[str, tuple[tuple[int, int], tuple]] = {}
         self.ext_num_policy_preemptions = 0
         if self.ext_policy.reorders and not isinstance(self.waiting, FCFSRequestQueue):
             logger.warning("vllm-ext: waiting queue is not FCFS (--scheduling-policy priority); "
@@ -66,6 +69,8 @@ class _PredictiveMixin:
         values = getattr(model_runner_output, "probe_values", None)
         if values:
             self.ext_predictions.update(values)
+            for req_id in values:
+                self.ext_waiting_keys.pop(req_id, None)
             observe = getattr(self.ext_policy, "observe", None)
             for req_id, vals in values.items() if observe else ():
                 request = self.requests.get(req_id)
@@ -78,6 +83,10 @@ class _PredictiveMixin:
                 del self.ext_predictions[req_id]
                 if forget:
                     forget(req_id)
+        if self.ext_waiting_keys:  # admitted or finished requests leave the cache
+            waiting = {r.request_id for r in self.waiting}
+            for req_id in [r for r in self.ext_waiting_keys if r not in waiting]:
+                del self.ext_waiting_keys[req_id]
         return outputs
 
     def _guard(self, fn, *args) -> None:
@@ -114,9 +123,17 @@ class _PredictiveMixin:
                 self._sort_waiting()
 
     def _sort_waiting(self) -> None:
-        ordered = sorted(self.waiting, key=lambda r: self.ext_policy.sort_key(self.view(r)))
+        ordered = sorted(self.waiting, key=self._waiting_key)
         self.waiting.clear()
         self.waiting.extend(ordered)
+
+    def _waiting_key(self, request: Request) -> tuple:
+        state = (request.num_output_tokens, request.num_preemptions)
+        cached = self.ext_waiting_keys.get(request.request_id)
+        if cached is None or cached[0] != state:
+            cached = self.ext_waiting_keys[request.request_id] = (
+                state, self.ext_policy.sort_key(self.view(request)))
+        return cached[1]
 
     def _has_room_for(self, request: Request) -> bool:
         if len(self.running) >= self.max_num_running_reqs:

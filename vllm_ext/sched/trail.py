@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -30,12 +31,12 @@ from vllm_ext.sched.policy import RequestView, SrptPolicy
 class LengthBins:
     edges: tuple[float, ...]                    # K + 1 increasing edges, first 0
 
-    @property
+    @cached_property  # read on every sort of the queues: computed once per bins object
     def midpoints(self) -> np.ndarray:
         e = np.asarray(self.edges)
         return (e[:-1] + e[1:]) / 2
 
-    @property
+    @cached_property
     def widths(self) -> np.ndarray:
         return np.diff(np.asarray(self.edges))
 
@@ -75,6 +76,7 @@ class RemainingTracker:
     q: np.ndarray | None = None
     generated_at: int = 0
     initial: float | None = None
+    mean: float = 0.0                  # expected total at `generated_at`, kept for sorting
 
     def observe(self, probs, generated: int) -> None:
         p = np.asarray(probs, dtype=float)
@@ -84,14 +86,15 @@ class RemainingTracker:
             post = prior * p
             p = post / post.sum() if post.sum() > 1e-12 else p
         self.q, self.generated_at = p, generated
+        self.mean = float(p @ self.bins.midpoints)
         if self.initial is None:
-            self.initial = self.expected()
+            self.initial = self.mean
 
     def expected(self) -> float:
-        return float(self.q @ self.bins.midpoints)
+        return self.mean
 
     def remaining(self, generated: int) -> float:
-        return max(1.0, self.expected() - (generated - self.generated_at))
+        return max(1.0, self.mean - (generated - self.generated_at))
 
 
 @dataclass(frozen=True)

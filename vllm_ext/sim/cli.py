@@ -35,6 +35,13 @@ def _policy(name: str, cap: int = 10**9, sigma: tuple[float, float] | None = Non
     return lambda: make_policy(name, max_preemptions_per_request=cap)
 
 
+def _name_path(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected CONFIG=PATH, got {text!r}")
+    return name, path
+
+
 def cmd_mg1(args) -> None:
     dt, sizes = 0.01, np.arange(args.min_size, args.max_size + 1)
     cfg = ReplicaConfig(max_num_seqs=1, recompute_on_preempt=False, cost=StepCost(dt, 0, 0))
@@ -57,17 +64,24 @@ def cmd_profile(args) -> None:
     from vllm_ext.testbed.model import default_model_path
 
     model = args.model or default_model_path()
-    if args.served:
+    if args.prefill_from and not (args.served and args.calibration_run):
+        raise SystemExit("--prefill-from needs --served and --calibration-run (the decode steps)")
+    if args.served and args.prefill_from:  # reuse another profile's idle prefill timings
+        samples = [tuple(x) for x in json.loads(Path(args.prefill_from).read_text())["samples"]
+                   if x[0] != x[1]]
+    elif args.served:
         from vllm_ext.bench.servers import running_server
 
         log = Path(args.out).with_suffix(".server.log")
         with running_server("ext", model, args.server_args, log) as base_url:
             samples = profile_server(base_url, batch_sizes=args.batch_sizes)
+    if args.served:
         if args.calibration_run:  # decode steps as timed under load in that run
             from vllm_ext.sim.profile import loaded_decode_samples
 
             recs = [json.loads(x) for x in Path(args.calibration_run).read_text().splitlines()]
-            samples = [s for s in samples if s[0] != s[1]] + loaded_decode_samples(recs)
+            samples = [s for s in samples if s[0] != s[1]] + [
+                s for s in loaded_decode_samples(recs) if s[1] <= max(args.batch_sizes)]
     else:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -80,10 +94,9 @@ def cmd_profile(args) -> None:
 def cmd_replay(args) -> None:
     from vllm_ext.sim.profile import load_profile
 
-    cost, overhead = load_profile(args.profile)
+    profiles = {name: load_profile(path) for name, path in args.config_profile}
+    default = load_profile(args.profile)
     data = json.loads((Path(args.compare) / "compare.json").read_text())
-    cfg = ReplicaConfig(max_num_seqs=args.max_num_seqs,
-                        max_num_batched_tokens=args.max_num_batched_tokens, cost=cost)
     print(f"{'config':<10}{'rate':>6}{'runs':>5}{'measured (s)':>14}{'simulated (s)':>15}"
           f"{'sim/meas':>10}")
     seen = set()
@@ -91,6 +104,9 @@ def cmd_replay(args) -> None:
         if (row["config"], row["rate"]) in seen:
             continue
         seen.add((row["config"], row["rate"]))
+        cost, overhead = profiles.get(row["config"], default)
+        cfg = ReplicaConfig(max_num_seqs=args.max_num_seqs,
+                            max_num_batched_tokens=args.max_num_batched_tokens, cost=cost)
         policy = args.policy_of.get(row["config"], row["config"])
         factory = _policy(policy, args.max_preemptions, (args.sigma_initial, args.sigma_refined))
         paths = sorted(Path(args.compare).glob(f"{row['config']}@{row['rate']}.r*.jsonl"))
@@ -167,6 +183,9 @@ def main(argv: list[str]) -> None:
     p.add_argument("--server-args", default="", help="--served: flags for the server")
     p.add_argument("--calibration-run", help="--served: a bench run's JSONL; its inter-token "
                    "gaps under load replace the idle decode timings")
+    p.add_argument("--prefill-from", help="--served: take the prefill timings from this "
+                   "profile instead of starting a server (with --calibration-run: a profile of "
+                   "another policy's decode steps)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 3, 4],
                    help="--served: concurrent decodes to time (keep <= the server's "
                         "--max-num-seqs)")
@@ -175,6 +194,9 @@ def main(argv: list[str]) -> None:
     r.add_argument("--profile", required=True)
     r.add_argument("--max-num-seqs", type=int, default=256)
     r.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    r.add_argument("--config-profile", type=_name_path, action="append", default=[],
+                   metavar="CONFIG=PATH", help="step cost for one config (repeatable), e.g. "
+                   "trail=profile-trail.json: a policy's own scheduler/probe work per step")
     r.add_argument("--warmup", type=int, default=0)
     r.add_argument("--policy-of", type=json.loads, default={"stock": "fcfs"},
                    help='JSON map from config name to policy, e.g. {"stock": "fcfs"}')

@@ -100,20 +100,26 @@ def fit_served_cost(samples) -> tuple[StepCost, float, float]:
     return cost, max(0.0, overhead), err
 
 
-def loaded_decode_samples(records: list[dict]) -> list[tuple[int, int, float]]:
+def loaded_decode_samples(records: list[dict], stall: float = 10.0) -> list[tuple[int, int, float]]:
     """Decode step times under real load, from one `bench serve`/`compare` run's records:
     every inter-token gap of every request, with the number of requests decoding at that
     moment; the mean gap per concurrency B gives a (B, B, seconds) sample. Under load a step
     is slower than on an idle server (the API server's work for arriving requests shares the
-    CPU), which is why a replay of loaded runs needs these rather than idle decode timings."""
-    spans, gaps = [], []
-    for r in records:
-        if r.get("error") is not None or not r.get("itl_s"):
-            continue
-        t = r["send_s"] + r["ttft_s"] + np.concatenate([[0.0], np.cumsum(r["itl_s"])])
-        spans.append((t[0], t[-1]))
-        gaps += [((a + b) / 2, b - a) for a, b in zip(t[:-1], t[1:])]
-    starts, ends = np.sort([s for s, _ in spans]), np.sort([e for _, e in spans])
+    CPU), which is why a replay of loaded runs needs these rather than idle decode timings.
+    A gap over ``stall`` x the median gap is a preempted request waiting, not a step: it is
+    left out, and the request does not count as decoding during it."""
+    runs = [r["send_s"] + r["ttft_s"] + np.concatenate([[0.0], np.cumsum(r["itl_s"])])
+            for r in records if r.get("error") is None and r.get("itl_s")]
+    cutoff = stall * float(np.median(np.concatenate([np.diff(t) for t in runs])))
+    starts, ends, gaps = [], [], []
+    for t in runs:
+        d = np.diff(t)
+        breaks = np.flatnonzero(d > cutoff)
+        starts += [t[0], *t[breaks + 1]]
+        ends += [*t[breaks], t[-1]]
+        keep = d <= cutoff
+        gaps += list(zip(((t[:-1] + t[1:]) / 2)[keep], d[keep]))
+    starts, ends = np.sort(starts), np.sort(ends)
     mids = np.array([m for m, _ in gaps])
     conc = np.searchsorted(starts, mids) - np.searchsorted(ends, mids)
     dts = np.array([g for _, g in gaps])
