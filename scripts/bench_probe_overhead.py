@@ -5,10 +5,10 @@ Each configuration runs in its own process (one engine each), same seeded batch:
     .venv/bin/python scripts/bench_probe_overhead.py --probe vllm_ext/assets/probes/length-*.pt
 
 With ``--policies fcfs,spjf,trail,oracle`` it measures the scheduler policies instead: all
-``--queue`` requests (mixed lengths) are queued at once in front of ``--batch`` decode slots,
-so every step sorts a deep waiting queue, and policy preemption is off, so every policy does
-the same token work and the throughput ratio is the policy's own per-step cost (ordering,
-prediction bookkeeping, probe). Ratios are against the first policy listed.
+``--queue`` requests are queued at once in front of ``--batch`` decode slots, so every step
+sorts a deep waiting queue. All have the same output length and policy preemption is off, so
+any order gives the same batches and the throughput ratio is the policy's own per-step cost
+(ordering, prediction bookkeeping, probe). Ratios are against the first policy listed.
 """
 from __future__ import annotations
 
@@ -38,10 +38,10 @@ def child(spec: dict) -> None:
                for i in range(n)]
     if n == spec["batch"]:
         params = SamplingParams(max_tokens=spec["tokens"], ignore_eos=True, temperature=0.0)
-    else:  # mixed lengths; the oracle is told each one
-        lens = [8 + (i * 37) % spec["tokens"] for i in range(n)]
-        params = [SamplingParams(max_tokens=m, ignore_eos=True, temperature=0.0,
-                                 extra_args={"ext_true_output_len": m}) for m in lens]
+    else:  # a deep queue of equal-length requests (mixed prompts): any order gives the same
+        # batches, so throughput differences are the policy's own cost, not its schedule
+        params = SamplingParams(max_tokens=spec["tokens"], ignore_eos=True, temperature=0.0,
+                                extra_args={"ext_true_output_len": spec["tokens"]})
     llm.generate(prompts[:4], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
     rates = []
     for _ in range(spec["repeats"]):
@@ -87,7 +87,7 @@ def main() -> None:
             results.setdefault(cfg["name"], []).extend(json.loads(line[7:])["tok_per_s"])
     ref = configs[0]["name"]
     best, median = max(results[ref]), statistics.median(results[ref])
-    what = (f"{args.queue} requests queued, 8..{args.tokens + 7} tokens" if args.policies
+    what = (f"{args.queue} requests queued, {args.tokens} tokens each" if args.policies
             else f"{args.tokens} tokens each")
     print(f"decode throughput, batch {args.batch}, {what}, "
           f"{args.rounds * args.repeats} runs per configuration; ratio to {ref}")

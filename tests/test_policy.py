@@ -56,15 +56,19 @@ def _adapter(requests):
 
     from vllm_ext.sched.scheduler import _PredictiveMixin
 
-    class _Base:  # the two Scheduler methods the mixin calls through super()
+    class _Base:  # the Scheduler methods the mixin calls through super()
         def update_from_output(self, scheduler_output, model_runner_output):
             return {}
+
+        def schedule(self):
+            return "scheduled"
 
     class Adapter(_PredictiveMixin, _Base):
         pass
 
     s = object.__new__(Adapter)  # no vLLM engine: set what the mixin's methods read
     s.ext_policy, s.ext_predictions, s.ext_waiting_keys = _CountingOracle(), {}, {}
+    s.ext_dirty, s.ext_running_seen = True, ()
     s.requests, s.running, s.waiting = {}, [], FCFSRequestQueue()
     for rid, arrival, true_len in requests:
         r = SimpleNamespace(request_id=rid, arrival_time=arrival, num_prompt_tokens=5,
@@ -92,3 +96,20 @@ def test_waiting_keys_are_cached_and_refreshed_when_the_request_changes():
     assert set(s.ext_waiting_keys) == {"a"}
     s._sort_waiting()
     assert _CountingOracle.calls == 5
+
+
+def test_policy_is_reapplied_only_after_an_event():
+    s, ns = _adapter([("a", 0, 50), ("b", 1, 20)])
+    applied = []
+    s._apply_policy = lambda: applied.append(1)
+    assert s.schedule() == "scheduled" and len(applied) == 1
+    s.schedule()
+    assert len(applied) == 1                  # nothing happened: same order, no new preemption
+    s.update_from_output(None, ns(probe_values={"a": {"remaining": 3.0}}))
+    s.schedule()
+    assert len(applied) == 2                  # new predictions
+    s.running.append(s.requests["b"])         # admission / finish / preemption
+    s.schedule()
+    assert len(applied) == 3
+    s.schedule()
+    assert len(applied) == 3

@@ -29,6 +29,14 @@ def test_shift_down_keeps_mass_and_moves_down(p, steps):
     out = shift_down(q, BINS.widths, steps)
     assert out.sum() == pytest.approx(1.0)
     assert out @ BINS.midpoints <= q @ BINS.midpoints + 1e-9
+    # the per-token rule, applied step by step, equals the cached matrix power
+    move, ref = 1.0 / np.maximum(BINS.widths, 1.0), q.copy()
+    for _ in range(steps):
+        nxt = ref * (1 - move)
+        nxt[:-1] += ref[1:] * move[1:]
+        nxt[0] += ref[0] * move[0]
+        ref = nxt
+    assert np.allclose(BINS.shift(steps) @ q, ref) and np.allclose(out, ref)
 
 
 def test_tracker_counts_down_between_refinements():

@@ -3,8 +3,9 @@
 Loaded with ``--scheduler-cls vllm_ext.sched.scheduler.PredictiveScheduler``. Like vLLM's own
 default it is an `AsyncScheduler` when the engine runs async scheduling (the default, on CPU
 too) and a plain `Scheduler` otherwise: a custom class that only subclasses `Scheduler`
-silently loses async scheduling (measured: ~1.2x mean latency on the CPU engine). Before each
-``Scheduler.schedule()`` call it
+silently loses async scheduling (measured: ~1.2x mean latency on the CPU engine). Before a
+``Scheduler.schedule()`` call that follows an event (arrival, new predictions, a change of the
+running set; see ``schedule``) it
   1. sorts ``running`` by the policy key (vLLM schedules in that order and, when KV blocks run
      out, preempts the last entry, i.e. the one the policy likes least);
   2. lets the best waiting request preempt one running request the policy names (budgeted per
@@ -42,6 +43,10 @@ class _PredictiveMixin:
         # sort keys of waiting requests: they hold while a request waits (no tokens, no new
         # predictions), so a deep queue is not re-keyed every step; entry = (state, key)
         self.ext_waiting_keys: dict[str, tuple[tuple[int, int], tuple]] = {}
+        # the policy is re-applied only after an event that can change its answer (see
+        # `schedule`); between events keys only count down together
+        self.ext_dirty = True
+        self.ext_running_seen: tuple[str, ...] = ()
         self.ext_num_policy_preemptions = 0
         if self.ext_policy.reorders and not isinstance(self.waiting, FCFSRequestQueue):
             logger.warning("vllm-ext: waiting queue is not FCFS (--scheduling-policy priority); "
@@ -53,22 +58,37 @@ class _PredictiveMixin:
         on_arrival = getattr(self.ext_policy, "on_arrival", None)
         if on_arrival is not None:
             self._guard(on_arrival, request.request_id, request.prompt_token_ids or [])
+        self.ext_dirty = True
         super().add_request(request)
 
     def schedule(self, *args, **kwargs):
-        if self.ext_policy.reorders:
+        """Apply the policy, then vLLM's schedule. The policy runs only after an event: an
+        arrival, new predictions, or a change of the running set (admission, finish,
+        preemption). In between, every running request's remaining length counts down by one
+        per token and waiting keys are fixed, so the order holds and no new preemption can
+        become due (victims only get shorter and less preemptible)."""
+        if not self.ext_policy.reorders:
+            return super().schedule(*args, **kwargs)
+        if self.ext_dirty or self.ext_running_seen != self._running_ids():
             try:
                 self._apply_policy()
             except Exception:
                 logger.exception("vllm-ext: policy %s failed; falling back to FCFS",
                                  self.ext_policy.name)
                 self.ext_policy = FcfsPolicy()
-        return super().schedule(*args, **kwargs)
+            self.ext_dirty = False
+        output = super().schedule(*args, **kwargs)
+        self.ext_running_seen = self._running_ids()
+        return output
+
+    def _running_ids(self) -> tuple[str, ...]:
+        return tuple(r.request_id for r in self.running)
 
     def update_from_output(self, scheduler_output, model_runner_output):
         values = getattr(model_runner_output, "probe_values", None)
         if values:
             self.ext_predictions.update(values)
+            self.ext_dirty = True
             for req_id in values:
                 self.ext_waiting_keys.pop(req_id, None)
             observe = getattr(self.ext_policy, "observe", None)

@@ -40,6 +40,17 @@ class LengthBins:
     def widths(self) -> np.ndarray:
         return np.diff(np.asarray(self.edges))
 
+    def shift(self, steps: int) -> np.ndarray:
+        """T^steps (see `shift_down`), cached: refinements come every k tokens, so a few
+        powers serve every request."""
+        cache = self.__dict__.setdefault("_shift_cache", {})
+        steps = max(0, int(steps))
+        if steps not in cache:
+            if len(cache) > 256:
+                cache.clear()
+            cache[steps] = np.linalg.matrix_power(shift_matrix(self.widths), steps)
+        return cache[steps]
+
     def index(self, remaining) -> np.ndarray:
         k = len(self.edges) - 1
         return np.clip(np.searchsorted(self.edges, remaining, side="right") - 1, 0, k - 1)
@@ -60,13 +71,16 @@ class LengthBins:
 
 def shift_down(q: np.ndarray, widths: np.ndarray, steps: int) -> np.ndarray:
     """T^steps q: per token, mass in bin i moves to bin i-1 with probability 1/width_i."""
-    move = 1.0 / np.maximum(widths, 1.0)
-    for _ in range(max(0, steps)):
-        out = q * (1 - move)
-        out[:-1] += q[1:] * move[1:]
-        out[0] += q[0] * move[0]            # bin 0 absorbs
-        q = out
-    return q
+    return np.linalg.matrix_power(shift_matrix(widths), max(0, steps)) @ q
+
+
+def shift_matrix(widths: np.ndarray) -> np.ndarray:
+    """T for one generated token (column-stochastic); bin 0 absorbs."""
+    move = 1.0 / np.maximum(np.asarray(widths, dtype=float), 1.0)
+    t = np.diag(1 - move)
+    t[np.arange(len(move) - 1), np.arange(1, len(move))] = move[1:]
+    t[0, 0] += move[0]
+    return t
 
 
 @dataclass
@@ -82,7 +96,7 @@ class RemainingTracker:
         p = np.asarray(probs, dtype=float)
         p = p / p.sum() if p.sum() > 0 else np.full_like(p, 1 / p.size)
         if self.q is not None and self.smoothing:
-            prior = shift_down(self.q, self.bins.widths, generated - self.generated_at)
+            prior = self.bins.shift(generated - self.generated_at) @ self.q
             post = prior * p
             p = post / post.sum() if post.sum() > 1e-12 else p
         self.q, self.generated_at = p, generated
