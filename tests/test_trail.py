@@ -99,3 +99,17 @@ def test_spjf_ignores_probe_refinement():
     assert p.name == "spjf" and p.remaining(view("a", out=10)) == 30
     p.forget("a")
     assert p.remaining(view("a")) == float("inf")
+
+
+def test_predictions_are_capped_by_what_max_tokens_leaves():
+    from dataclasses import replace
+
+    p = _policy()
+    p.observe("loop", {"bin3": 1.0}, 0)           # the probe says 60 more
+    p.observe("other", {"bin2": 1.0}, 0)          # 30
+    p.observe("x", {"bin0": 1.0}, 0)              # 5
+    capped = replace(view("loop", out=20), max_tokens=30)  # but only 10 tokens are left
+    assert p.remaining(capped) == 10 and p.initial(capped) == 30
+    assert p.choose_victim(view("x"), [capped, view("other", out=1)]).request_id == "other"
+    p.on_arrival("new", [1])                      # prompt-only 40, capped at 25
+    assert p.remaining(replace(view("new"), max_tokens=25)) == 25

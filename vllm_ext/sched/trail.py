@@ -9,6 +9,7 @@ Predictions per request:
     distribution is combined with the previous one moved forward: prior = T^s q, where T
     shifts mass one bin down with probability 1/bin-width per generated token, and
     posterior ∝ prior ⊙ p. The prediction is the expected value over bin midpoints.
+Every prediction is capped by what the request's ``max_tokens`` leaves.
 Scheduling (policy `trail`): waiting ordered by predicted remaining (ties by arrival); a
 running request is preemptible only while generated <= c x its initial prediction, never
 after; a waiting request preempts the preemptible running request with the largest prediction
@@ -165,17 +166,22 @@ class TrailPolicy(SrptPolicy):
     def initial(self, view: RequestView) -> float:
         tracker = self.trackers.get(view.request_id)
         if tracker is not None and tracker.initial is not None:
-            return tracker.initial
-        return self.prompt_pred.get(view.request_id, float("inf"))
+            return min(tracker.initial, view.max_tokens)
+        return min(self.prompt_pred.get(view.request_id, float("inf")), view.max_tokens)
 
     def remaining(self, view: RequestView) -> float:
+        """Predicted remaining tokens, never more than ``max_tokens`` leaves: the probe reads
+        the model's state, not the request's cap, so a request that would run past its cap
+        (a looping generation) would otherwise look long until its very last token and be
+        every preemption's victim."""
+        left = max(1.0, view.max_tokens - view.num_output_tokens)
         tracker = self.trackers.get(view.request_id)
         if tracker is not None:
-            return tracker.remaining(view.num_output_tokens)
+            return min(tracker.remaining(view.num_output_tokens), left)
         total = self.prompt_pred.get(view.request_id)
         if total is None:
             return float("inf")
-        return max(1.0, total - view.num_output_tokens)
+        return min(max(1.0, total - view.num_output_tokens), left)
 
     def preemptible(self, view: RequestView) -> bool:
         return (super().preemptible(view)
