@@ -32,16 +32,14 @@ def child(spec: dict) -> None:
     if spec["worker"] == "ext" and "policy" in spec["ext"]:
         kwargs["scheduler_cls"] = "vllm_ext.sched.scheduler.PredictiveScheduler"
     llm = LLM(**kwargs)
-    n = spec.get("queue") or spec["batch"]
-    prompts = [{"prompt_token_ids": [100 + (i * 7 + j) % 60 for j in range(32 if n == spec["batch"]
-                                                                         else 16 + i % 48)]}
+    deep = "queue" in spec  # --policies: a deep queue of equal-length requests, mixed prompts;
+    # any order gives the same batches, so throughput differences are the policy's own cost
+    n = spec["queue"] if deep else spec["batch"]
+    prompts = [{"prompt_token_ids": [100 + (i * 7 + j) % 60
+                                     for j in range(16 + i % 48 if deep else 32)]}
                for i in range(n)]
-    if n == spec["batch"]:
-        params = SamplingParams(max_tokens=spec["tokens"], ignore_eos=True, temperature=0.0)
-    else:  # a deep queue of equal-length requests (mixed prompts): any order gives the same
-        # batches, so throughput differences are the policy's own cost, not its schedule
-        params = SamplingParams(max_tokens=spec["tokens"], ignore_eos=True, temperature=0.0,
-                                extra_args={"ext_true_output_len": spec["tokens"]})
+    params = SamplingParams(max_tokens=spec["tokens"], ignore_eos=True, temperature=0.0,
+                            extra_args={"ext_true_output_len": spec["tokens"]} if deep else None)
     llm.generate(prompts[:4], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
     rates = []
     for _ in range(spec["repeats"]):

@@ -103,10 +103,6 @@ class _PredictiveMixin:
                 del self.ext_predictions[req_id]
                 if forget:
                     forget(req_id)
-        if self.ext_waiting_keys:  # admitted or finished requests leave the cache
-            waiting = {r.request_id for r in self.waiting}
-            for req_id in [r for r in self.ext_waiting_keys if r not in waiting]:
-                del self.ext_waiting_keys[req_id]
         return outputs
 
     def _guard(self, fn, *args) -> None:
@@ -143,16 +139,19 @@ class _PredictiveMixin:
                 self._sort_waiting()
 
     def _sort_waiting(self) -> None:
-        ordered = sorted(self.waiting, key=self._waiting_key)
+        # the cache is rebuilt from the requests waiting now, so admitted and finished ones
+        # leave it without a pass of their own
+        known, self.ext_waiting_keys = self.ext_waiting_keys, {}
+        ordered = sorted(self.waiting, key=lambda r: self._waiting_key(r, known))
         self.waiting.clear()
         self.waiting.extend(ordered)
 
-    def _waiting_key(self, request: Request) -> tuple:
+    def _waiting_key(self, request: Request, known: dict) -> tuple:
         state = (request.num_output_tokens, request.num_preemptions)
-        cached = self.ext_waiting_keys.get(request.request_id)
+        cached = known.get(request.request_id)
         if cached is None or cached[0] != state:
-            cached = self.ext_waiting_keys[request.request_id] = (
-                state, self.ext_policy.sort_key(self.view(request)))
+            cached = (state, self.ext_policy.sort_key(self.view(request)))
+        self.ext_waiting_keys[request.request_id] = cached
         return cached[1]
 
     def _has_room_for(self, request: Request) -> bool:

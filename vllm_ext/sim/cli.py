@@ -60,28 +60,14 @@ def cmd_mg1(args) -> None:
 
 
 def cmd_profile(args) -> None:
-    from vllm_ext.sim.profile import profile_engine, profile_server, write_profile
+    from vllm_ext.sim.profile import profile_engine, write_profile
     from vllm_ext.testbed.model import default_model_path
 
     model = args.model or default_model_path()
     if args.prefill_from and not (args.served and args.calibration_run):
         raise SystemExit("--prefill-from needs --served and --calibration-run (the decode steps)")
-    if args.served and args.prefill_from:  # reuse another profile's idle prefill timings
-        samples = [tuple(x) for x in json.loads(Path(args.prefill_from).read_text())["samples"]
-                   if x[0] != x[1]]
-    elif args.served:
-        from vllm_ext.bench.servers import running_server
-
-        log = Path(args.out).with_suffix(".server.log")
-        with running_server("ext", model, args.server_args, log) as base_url:
-            samples = profile_server(base_url, batch_sizes=args.batch_sizes)
     if args.served:
-        if args.calibration_run:  # decode steps as timed under load in that run
-            from vllm_ext.sim.profile import loaded_decode_samples
-
-            recs = [json.loads(x) for x in Path(args.calibration_run).read_text().splitlines()]
-            samples = [s for s in samples if s[0] != s[1]] + [
-                s for s in loaded_decode_samples(recs) if s[1] <= max(args.batch_sizes)]
+        samples = _served_samples(args, model)
     else:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -89,6 +75,26 @@ def cmd_profile(args) -> None:
     data = write_profile(Path(args.out), model, samples, served=args.served)
     print(f"step cost: {data['cost']}, request overhead {data['request_overhead_s'] * 1e3:.1f} ms"
           f" (fit mean relative error {data['fit_mean_rel_error']:.1%}); wrote {args.out}")
+
+
+def _served_samples(args, model: str) -> list:
+    """Prefill timings from an idle server (or from another profile, ``--prefill-from``), and
+    decode steps from that server or, with ``--calibration-run``, as timed under load."""
+    from vllm_ext.sim.profile import loaded_decode_samples, profile_server
+
+    if args.prefill_from:
+        samples = [tuple(x) for x in json.loads(Path(args.prefill_from).read_text())["samples"]]
+    else:
+        from vllm_ext.bench.servers import running_server
+
+        log = Path(args.out).with_suffix(".server.log")
+        with running_server("ext", model, args.server_args, log) as base_url:
+            samples = profile_server(base_url, batch_sizes=args.batch_sizes)
+    if args.calibration_run:
+        recs = [json.loads(x) for x in Path(args.calibration_run).read_text().splitlines()]
+        samples = [s for s in samples if s[0] != s[1]] + [
+            s for s in loaded_decode_samples(recs) if s[1] <= max(args.batch_sizes)]
+    return samples
 
 
 def cmd_replay(args) -> None:
