@@ -121,3 +121,25 @@ def test_loaded_decode_samples_leave_out_preemption_stalls():
     assert set(samples) == {1, 2}
     assert samples[1] == pytest.approx(0.003)  # B alone, also while A was preempted
     assert 0.002 < samples[2] < 0.003          # the 200 ms stall is not a step
+
+
+def test_recorded_predictions_feed_trail_at_prefill_and_every_k(tmp_path):
+    from vllm_ext.sched.policy import RequestView
+    from vllm_ext.sched.trail import LengthBins
+    from vllm_ext.sim.recorded import RecordedPredictions, RecordedTrailPolicy
+
+    bins = LengthBins((0.0, 10.0, 20.0, 40.0))               # midpoints 5, 15, 30
+    long_then_short = np.array([[0, 0, 1.0]] * 8 + [[1.0, 0, 0]] * 12)  # 20 tokens
+    rec = RecordedPredictions(bins.edges, [12.0], [long_then_short], [20])
+    rec.save(tmp_path / "r.npz")
+    rec = RecordedPredictions.load(tmp_path / "r.npz")
+    assert rec.output_len == [20] and np.allclose(rec.probs[0], long_then_short)
+    pol = RecordedTrailPolicy(bins=bins, smoothing=False, recorded=rec, every=8)
+    view = lambda g: RequestView("0", 0.0, 5, g, 100)  # noqa: E731
+    assert pol.remaining(view(0)) == 12.0                  # before prefill: prompt-only
+    assert pol.remaining(view(1)) == 30.0 - 1              # prefill probe (row 0), counted down
+    assert pol.initial(view(1)) == 30.0
+    assert pol.remaining(view(7)) == 30.0 - 7
+    assert pol.remaining(view(9)) == 5.0 - 1               # row 8: the probe now says short
+    spjf = RecordedTrailPolicy(bins=bins, recorded=rec, refine=False)
+    assert spjf.remaining(view(9)) == 12.0 - 9             # prompt-only, never refined

@@ -46,6 +46,9 @@ class _PredictiveMixin:
         # the policy is re-applied only after an event that can change its answer (see
         # `schedule`); between events keys only count down together
         self.ext_dirty = True
+        # the waiting order changes only with arrivals, preemptions (a change of the running
+        # set) and predictions for a waiting request, not with the running requests' refinements
+        self.ext_waiting_dirty = True
         self.ext_running_seen: tuple[str, ...] = ()
         self.ext_num_policy_preemptions = 0
         if self.ext_policy.reorders and not isinstance(self.waiting, FCFSRequestQueue):
@@ -58,7 +61,7 @@ class _PredictiveMixin:
         on_arrival = getattr(self.ext_policy, "on_arrival", None)
         if on_arrival is not None:
             self._guard(on_arrival, request.request_id, request.prompt_token_ids or [])
-        self.ext_dirty = True
+        self.ext_dirty = self.ext_waiting_dirty = True
         super().add_request(request)
 
     def schedule(self, *args, **kwargs):
@@ -69,7 +72,9 @@ class _PredictiveMixin:
         become due (victims only get shorter and less preemptible)."""
         if not self.ext_policy.reorders:
             return super().schedule(*args, **kwargs)
-        if self.ext_dirty or self.ext_running_seen != self._running_ids():
+        if self.ext_running_seen != self._running_ids():
+            self.ext_dirty = self.ext_waiting_dirty = True
+        if self.ext_dirty:
             try:
                 self._apply_policy()
             except Exception:
@@ -90,7 +95,8 @@ class _PredictiveMixin:
             self.ext_predictions.update(values)
             self.ext_dirty = True
             for req_id in values:
-                self.ext_waiting_keys.pop(req_id, None)
+                if self.ext_waiting_keys.pop(req_id, None) is not None:
+                    self.ext_waiting_dirty = True
             observe = getattr(self.ext_policy, "observe", None)
             for req_id, vals in values.items() if observe else ():
                 request = self.requests.get(req_id)
@@ -132,11 +138,13 @@ class _PredictiveMixin:
         views = {r.request_id: self.view(r) for r in self.running}
         self.running.sort(key=lambda r: self.ext_policy.sort_key(views[r.request_id]))
         if isinstance(self.waiting, FCFSRequestQueue) and self.waiting:
-            self._sort_waiting()
+            if self.ext_waiting_dirty:
+                self._sort_waiting()
             for _ in range(self.ext_config.max_preemptions_per_step):
                 if not self._preempt_for(self.waiting[0], views):
                     break
                 self._sort_waiting()
+        self.ext_waiting_dirty = False
 
     def _sort_waiting(self) -> None:
         # the cache is rebuilt from the requests waiting now, so admitted and finished ones

@@ -5,6 +5,7 @@
   profile  measure the live engine's step cost (writes the StepCost JSON the others use)
   replay   simulate the exact requests of a `bench compare` run (arrival, prompt and output
            tokens per request) with a profile, and put simulated next to measured latency
+  record   the length probe's outputs over a bench trace, for replay --predictions
   scale    many replicas behind a router at many rates (simulated only), table + PNG
 """
 from __future__ import annotations
@@ -20,14 +21,22 @@ from vllm_ext.bench.workload import arrival_times
 from vllm_ext.config import ExtConfig
 from vllm_ext.sched.policy import make_policy
 from vllm_ext.sim.cluster import ROUTERS, latency_stats, simulate
+from vllm_ext.sched.trail import LengthBins
 from vllm_ext.sim.predicted import NoisyTrailPolicy
+from vllm_ext.sim.recorded import RecordedPredictions, RecordedTrailPolicy, record
 from vllm_ext.sim.queueing import mg1_fcfs_mean_response, mg1_srpt_mean_response
 from vllm_ext.sim.replica import ReplicaConfig, SimRequest, StepCost
 
 
-def _policy(name: str, cap: int = 10**9, sigma: tuple[float, float] | None = None):
-    """``fcfs``/``oracle`` as in the engine; ``trail``/``spjf`` as TRAIL's policy on noisy
-    predicted lengths (`vllm_ext.sim.predicted`; log-normal sigmas initial, refined)."""
+def _policy(name: str, cap: int = 10**9, sigma: tuple[float, float] | None = None,
+            recorded: RecordedPredictions | None = None, **trail_args):
+    """``fcfs``/``oracle`` as in the engine; ``trail``/``spjf`` as TRAIL's policy on the probe's
+    recorded outputs (`vllm_ext.sim.recorded`) when given, else on noisy predicted lengths
+    (`vllm_ext.sim.predicted`; log-normal sigmas initial, refined)."""
+    if name in ("trail", "spjf") and recorded is not None:
+        return lambda: RecordedTrailPolicy(
+            bins=LengthBins(recorded.bin_edges), refine=name == "trail", recorded=recorded,
+            max_preemptions_per_request=cap, **trail_args)
     if name in ("trail", "spjf"):
         sigma = sigma or (NoisyTrailPolicy.sigma_initial, NoisyTrailPolicy.sigma_refined)
         return lambda: NoisyTrailPolicy(max_preemptions_per_request=cap, refine=name == "trail",
@@ -102,6 +111,7 @@ def cmd_replay(args) -> None:
 
     profiles = {name: load_profile(path) for name, path in args.config_profile}
     default = load_profile(args.profile)
+    recorded = RecordedPredictions.load(args.predictions) if args.predictions else None
     data = json.loads((Path(args.compare) / "compare.json").read_text())
     print(f"{'config':<10}{'rate':>6}{'runs':>5}{'measured (s)':>14}{'simulated (s)':>15}"
           f"{'sim/meas':>10}")
@@ -114,7 +124,8 @@ def cmd_replay(args) -> None:
         cfg = ReplicaConfig(max_num_seqs=args.max_num_seqs,
                             max_num_batched_tokens=args.max_num_batched_tokens, cost=cost)
         policy = args.policy_of.get(row["config"], row["config"])
-        factory = _policy(policy, args.max_preemptions, (args.sigma_initial, args.sigma_refined))
+        factory = _policy(policy, args.max_preemptions, (args.sigma_initial, args.sigma_refined),
+                          recorded, margin=args.margin)
         paths = sorted(Path(args.compare).glob(f"{row['config']}@{row['rate']}.r*.jsonl"))
         meas, sim = [], []
         for path in paths:  # one file per repeat: same arrivals, measured separately
@@ -128,6 +139,15 @@ def cmd_replay(args) -> None:
         m, s_ = float(np.mean(meas)), float(np.mean(sim))
         print(f"{row['config']:<10}{row['rate']:>6.2f}{len(paths):>5}{m:>14.3f}{s_:>15.3f}"
               f"{s_ / m:>10.3f}")
+
+
+def cmd_record(args) -> None:
+    from vllm_ext.testbed.model import default_model_path
+
+    recorded = record(args.model or default_model_path(), args.trace, args.probe)
+    recorded.save(args.out)
+    print(f"recorded the length probe over {len(recorded.output_len)} requests "
+          f"({sum(recorded.output_len)} tokens) -> {args.out}")
 
 
 def cmd_scale(args) -> None:
@@ -208,7 +228,16 @@ def main(argv: list[str]) -> None:
                    help='JSON map from config name to policy, e.g. {"stock": "fcfs"}')
     r.add_argument("--max-preemptions", type=int, default=ExtConfig.max_preemptions_per_request,
                    help="the engine's per-request cap")
+    r.add_argument("--predictions", help="trail/spjf on the probe's recorded outputs (from "
+                   "`simulate record` on this run's trace) instead of noisy true lengths")
+    r.add_argument("--margin", type=float, default=ExtConfig.preemption_margin,
+                   help="trail/spjf (with --predictions): the engine's --ext-preemption-margin")
     _add_sigma_args(r)
+    c = sub.add_parser("record", help="record the length probe's outputs over a bench trace")
+    c.add_argument("--trace", required=True, help="a bench trace JSONL (prompt, max_tokens)")
+    c.add_argument("--model", default=None, help="default: the embedded model")
+    c.add_argument("--probe", help="length probe file (default: the one shipped for the model)")
+    c.add_argument("--out", required=True, help="output .npz")
     s = sub.add_parser("scale", help="many replicas (simulated only)")
     s.add_argument("--replicas", type=int, nargs="+", default=[8, 16, 32, 64])
     s.add_argument("--rates", type=float, nargs="+", default=[2.0, 4.0],
@@ -225,5 +254,6 @@ def main(argv: list[str]) -> None:
     s.add_argument("--plot")
     _add_sigma_args(s)
     args = parser.parse_args(argv)
-    {"mg1": cmd_mg1, "profile": cmd_profile, "replay": cmd_replay, "scale": cmd_scale}[
+    {"mg1": cmd_mg1, "profile": cmd_profile, "replay": cmd_replay, "record": cmd_record,
+     "scale": cmd_scale}[
         args.command](args)

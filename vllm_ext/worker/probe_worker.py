@@ -140,46 +140,68 @@ class ProbeWorker(_BaseWorker):
         return self._attach(super().sample_tokens(*args, **kwargs))
 
     def _attach(self, output):
-        values = getattr(self, "ext_pending", None)
-        if values and output is not None and hasattr(output, "sampled_token_ids"):
-            output.probe_values = values
-            self.ext_pending = None
-        elif values and output is not None and hasattr(output, "get_output"):
-            inner_get = output.get_output  # async scheduling: attach when resolved
+        """Hand this step's probe values to the scheduler with the step's output. On CPU with
+        async scheduling they are computed when the output is resolved, which vLLM's
+        multiprocess worker does in its output thread while the main thread runs the next
+        step (the rows were already copied out of the hook buffers, see `_run_probes`). On a
+        GPU the probes run here, as their kernels must stay on the forward's stream."""
+        pending = getattr(self, "ext_pending", None)
+        if pending is None or output is None:
+            return output
+        self.ext_pending = None
+        if hasattr(output, "sampled_token_ids"):
+            output.probe_values = self._evaluate(pending)
+        elif hasattr(output, "get_output"):
+            inner_get = output.get_output
+            on_cpu = torch.device(self.device).type == "cpu"
+            values = None if on_cpu else self._evaluate(pending)
 
             def get_output():
                 result = inner_get()
-                result.probe_values = values
+                result.probe_values = self._evaluate(pending) if values is None else values
                 return result
             output.get_output = get_output
-            self.ext_pending = None
+        else:
+            self.ext_pending = pending  # no output this call (execute_model before sampling)
         return output
 
-    def _run_probes(self) -> dict[str, dict[str, float]]:
-        """Probe every request on every k-th step; in between only requests that just started
-        (their initial prediction). Steps with nothing to probe return before touching a tensor,
-        so between probe steps the worker's only cost is the layer hook's copy."""
+    def _evaluate(self, pending) -> dict[str, dict[str, float]]:
+        req_ids, inputs = pending
+        try:
+            results: dict[str, dict[str, float]] = {r: {} for r in req_ids}
+            for probe in self.ext_probes:
+                out = probe(inputs[probe.layer]).cpu().tolist()
+                for req_id, row in zip(req_ids, out):
+                    results[req_id].update(zip(probe.output_names, row))
+        except Exception:
+            logger.exception("vllm-ext: probe failed; disabling probes")
+            self.ext_probes = []
+            return {}
+        for req_id, values in results.items():
+            self.ext_store.record(req_id, values)
+        return results
+
+    def _run_probes(self) -> tuple[list[str], dict[int, torch.Tensor]] | None:
+        """Which requests to probe this step: all of them on every k-th step, in between only
+        requests that just started (their initial prediction). Returns their rows, copied out
+        of the hook buffers (the next forward overwrites those), for `_evaluate`; None on a
+        step with nothing to probe, before touching a tensor, so between probe steps the
+        worker's only cost is the layer hook's copy."""
         self.ext_step += 1
         refresh_all = self.ext_step % self.ext_config.probe_every == 0
         if not refresh_all and not self.ext_awaiting:
-            return {}
+            return None
         req_ids, rows = self._last_token_rows()
         if not refresh_all:
             pick = [i for i, r in enumerate(req_ids) if r in self.ext_awaiting]
             if not pick:
-                return {}
+                return None
             req_ids = [req_ids[i] for i in pick]
             rows = rows[pick]
         rows = rows.to(self.device)
-        results: dict[str, dict[str, float]] = {r: {} for r in req_ids}
-        for probe in self.ext_probes:
-            out = probe(self.ext_buffers[probe.layer][rows]).cpu().tolist()
-            for req_id, row in zip(req_ids, out):
-                results[req_id].update(zip(probe.output_names, row))
-        for req_id, values in results.items():
-            self.ext_store.record(req_id, values)
         self.ext_awaiting.difference_update(req_ids)
-        return results
+        return req_ids, {layer: self.ext_buffers[layer][rows]
+                         for layer in {p.layer for p in self.ext_probes}}
 
     # ---- RPC for the server (collective_rpc) -------------------------------------------------
     def ext_get_predictions(self, tag: str | None = None, req_ids: list[str] | None = None):
