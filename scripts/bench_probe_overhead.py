@@ -8,7 +8,8 @@ With ``--policies fcfs,spjf,trail,oracle`` it measures the scheduler policies in
 ``--queue`` requests are queued at once in front of ``--batch`` decode slots, so every step
 sorts a deep waiting queue. All have the same output length and policy preemption is off, so
 any order gives the same batches and the throughput ratio is the policy's own per-step cost
-(ordering, prediction bookkeeping, probe). Ratios are against the first policy listed.
+(ordering, prediction bookkeeping, probe). Ratios are against the first policy listed;
+``trail@16`` is trail with the probe every 16 steps (``trail@1000000``: the prefill probe only).
 """
 from __future__ import annotations
 
@@ -98,8 +99,12 @@ def main() -> None:
 def policy_configs(args, base: dict) -> list[dict]:
     base["queue"] = args.queue
     ext = {"max_preemptions_per_request": 0}  # same token work for every policy
-    return [{"name": name, "worker": "ext", "ext": {**ext, "policy": name}}
-            for name in args.policies.split(",")]
+    configs = []
+    for entry in args.policies.split(","):  # "trail@16": probe every 16 steps
+        policy, _, every = entry.partition("@")
+        extra = {"probe_every": int(every)} if every else {}
+        configs.append({"name": entry, "worker": "ext", "ext": {**ext, "policy": policy, **extra}})
+    return configs
 
 
 if __name__ == "__main__":

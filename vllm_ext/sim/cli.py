@@ -121,11 +121,13 @@ def cmd_replay(args) -> None:
             continue
         seen.add((row["config"], row["rate"]))
         cost, overhead = profiles.get(row["config"], default)
+        slower = float(args.step_scale.get(row["config"], 1.0))
+        cost = StepCost(cost.base_s * slower, cost.per_token_s, cost.per_seq_s * slower)
         cfg = ReplicaConfig(max_num_seqs=args.max_num_seqs,
                             max_num_batched_tokens=args.max_num_batched_tokens, cost=cost)
         policy = args.policy_of.get(row["config"], row["config"])
         factory = _policy(policy, args.max_preemptions, (args.sigma_initial, args.sigma_refined),
-                          recorded, margin=args.margin)
+                          recorded, margin=args.margin, every=args.probe_every)
         paths = sorted(Path(args.compare).glob(f"{row['config']}@{row['rate']}.r*.jsonl"))
         meas, sim = [], []
         for path in paths:  # one file per repeat: same arrivals, measured separately
@@ -223,6 +225,9 @@ def main(argv: list[str]) -> None:
     r.add_argument("--config-profile", type=_name_path, action="append", default=[],
                    metavar="CONFIG=PATH", help="step cost for one config (repeatable), e.g. "
                    "trail=profile-trail.json: a policy's own scheduler/probe work per step")
+    r.add_argument("--step-scale", type=json.loads, default={},
+                   help='JSON map from config name to a factor on its decode step cost, e.g. '
+                   '{"trail": 1.03}: what-if for a policy whose own per-step work is that much')
     r.add_argument("--warmup", type=int, default=0)
     r.add_argument("--policy-of", type=json.loads, default={"stock": "fcfs"},
                    help='JSON map from config name to policy, e.g. {"stock": "fcfs"}')
@@ -232,6 +237,8 @@ def main(argv: list[str]) -> None:
                    "`simulate record` on this run's trace) instead of noisy true lengths")
     r.add_argument("--margin", type=float, default=ExtConfig.preemption_margin,
                    help="trail/spjf (with --predictions): the engine's --ext-preemption-margin")
+    r.add_argument("--probe-every", type=int, default=ExtConfig.probe_every,
+                   help="trail (with --predictions): the engine's --ext-probe-every")
     _add_sigma_args(r)
     c = sub.add_parser("record", help="record the length probe's outputs over a bench trace")
     c.add_argument("--trace", required=True, help="a bench trace JSONL (prompt, max_tokens)")
