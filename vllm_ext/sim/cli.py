@@ -133,6 +133,8 @@ def cmd_replay(args) -> None:
         for path in paths:  # one file per repeat: same arrivals, measured separately
             recs = [json.loads(line) for line in path.read_text().splitlines()]
             recs = [r for r in recs if r["error"] is None][args.warmup:]
+            if recorded is not None:
+                _check_recorded(recorded, recs, path)
             reqs = [SimRequest(str(r["index"]), r["arrival_s"] + overhead, r["prompt_tokens"],
                                max(1, r["output_tokens"]), max(1, r["output_tokens"]))
                     for r in recs]
@@ -141,6 +143,15 @@ def cmd_replay(args) -> None:
         m, s_ = float(np.mean(meas)), float(np.mean(sim))
         print(f"{row['config']:<10}{row['rate']:>6.2f}{len(paths):>5}{m:>14.3f}{s_:>15.3f}"
               f"{s_ / m:>10.3f}")
+
+
+def _check_recorded(recorded: RecordedPredictions, recs: list[dict], path: Path) -> None:
+    """The recording must be of this run's trace: same requests, same output lengths."""
+    for r in recs:
+        i = r["index"]
+        if i >= len(recorded.output_len) or recorded.output_len[i] != r["output_tokens"]:
+            raise SystemExit(f"--predictions was not recorded on the trace of {path}: request "
+                             f"{i} has {r['output_tokens']} output tokens there")
 
 
 def cmd_record(args) -> None:
