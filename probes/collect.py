@@ -52,22 +52,14 @@ def testbed_prompts(n: int, seed: int) -> list[dict]:
             for t in generate_tasks(n, seed)]
 
 
-def capture_llm(model: str, layers: list[int], **llm_kwargs):
-    """An offline vLLM engine whose ProbeWorker records `layers` for every request and step."""
-    from vllm import LLM
-
-    return LLM(model=model, dtype="bfloat16", seed=0,
-               worker_cls="vllm_ext.worker.probe_worker.ProbeWorker",
-               additional_config={"vllm_ext": {"capture_layers": list(layers)}}, **llm_kwargs)
-
-
 def collect(model: str, prompts: list[dict], layers: list[int], max_tokens: int = 512,
-            batch: int = 64, temperature: float = 0.0, llm=None, **llm_kwargs) -> LengthDataset:
-    """Generate every prompt (its own "max_tokens" if it has one) and record `layers`; `llm`
-    reuses an engine from `capture_llm` (it must capture those layers)."""
-    from vllm import SamplingParams
+            batch: int = 64, temperature: float = 0.0, **llm_kwargs) -> LengthDataset:
+    """Generate every prompt (its own "max_tokens" if it has one) and record `layers`."""
+    from vllm import LLM, SamplingParams
 
-    llm = llm or capture_llm(model, layers, **llm_kwargs)
+    llm = LLM(model=model, dtype="bfloat16", seed=0,
+              worker_cls="vllm_ext.worker.probe_worker.ProbeWorker",
+              additional_config={"vllm_ext": {"capture_layers": list(layers)}}, **llm_kwargs)
     tok = llm.get_tokenizer()
     data = LengthDataset(list(layers), [], [], [], [])
     for start in tqdm(range(0, len(prompts), batch), desc="collect"):

@@ -42,8 +42,9 @@ class LengthBins:
         return np.diff(np.asarray(self.edges))
 
     def shift(self, steps: int) -> np.ndarray:
-        """T^steps (see `shift_down`), cached: refinements come every k tokens, so a few
-        powers serve every request."""
+        """T^steps: per generated token, mass in bin i moves to bin i-1 with probability
+        1/width_i (`shift_matrix`). Cached: refinements come every k tokens, so a few powers
+        serve every request."""
         cache = self.__dict__.setdefault("_shift_cache", {})
         steps = max(0, int(steps))
         if steps not in cache:
@@ -68,11 +69,6 @@ class LengthBins:
         else:
             raise ValueError(f"unknown bin mode {mode!r} (equal, quantile)")
         return cls(tuple(float(x) for x in edges))
-
-
-def shift_down(q: np.ndarray, widths: np.ndarray, steps: int) -> np.ndarray:
-    """T^steps q: per token, mass in bin i moves to bin i-1 with probability 1/width_i."""
-    return np.linalg.matrix_power(shift_matrix(widths), max(0, steps)) @ q
 
 
 def shift_matrix(widths: np.ndarray) -> np.ndarray:

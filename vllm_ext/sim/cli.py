@@ -20,8 +20,8 @@ import numpy as np
 from vllm_ext.bench.workload import arrival_times
 from vllm_ext.config import ExtConfig
 from vllm_ext.sched.policy import make_policy
-from vllm_ext.sim.cluster import ROUTERS, latency_stats, simulate
 from vllm_ext.sched.trail import LengthBins
+from vllm_ext.sim.cluster import ROUTERS, latency_stats, simulate
 from vllm_ext.sim.predicted import NoisyTrailPolicy
 from vllm_ext.sim.recorded import RecordedPredictions, RecordedTrailPolicy, record
 from vllm_ext.sim.queueing import mg1_fcfs_mean_response, mg1_srpt_mean_response

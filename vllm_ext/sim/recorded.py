@@ -50,16 +50,18 @@ def record(model: str, trace: str | Path, probe_path: str | None = None,
            batch: int = 64) -> RecordedPredictions:
     """Run `model` over the trace's prompts (greedy, each request's max_tokens) and record the
     length probe's output at every generated token."""
-    from vllm_ext.probes.base import ProbeError, load_probe, model_fingerprint
-    from vllm_ext.probes.collect import capture_llm, collect
+    from transformers import AutoConfig
+
+    from vllm_ext.probes.base import load_probe, model_fingerprint, shipped_probe_path
+    from vllm_ext.probes.collect import collect
 
     rows = [json.loads(line) for line in Path(trace).read_text().splitlines() if line.strip()]
-    probe = load_probe(probe_path or _shipped_probe(model))
-    llm = capture_llm(model, [probe.layer])
-    fingerprint = model_fingerprint(llm.model_config.hf_config, model)
-    if probe.fingerprint != fingerprint:
-        raise ProbeError(f"probe was trained for model {probe.fingerprint}, not {fingerprint}")
-    data = collect(model, rows, [probe.layer], batch=batch, llm=llm)
+    fingerprint = model_fingerprint(AutoConfig.from_pretrained(model), model)
+    probe_path = probe_path or shipped_probe_path("length", fingerprint)
+    if probe_path is None:
+        raise FileNotFoundError(f"no shipped length probe for {model}; pass --probe")
+    probe = load_probe(probe_path, fingerprint)  # refuses a probe for another model
+    data = collect(model, rows, [probe.layer], batch=batch)
     probs = [probe(h[:, 0, :].float()).numpy() for h in data.hidden]
     meta = probe.meta.get("prompt_model")
     prompt_model = PromptModel(tuple(meta["coef"]), meta["buckets"]) if meta else None
@@ -67,17 +69,6 @@ def record(model: str, trace: str | Path, probe_path: str | None = None,
                    for ids in data.prompt_ids]
     return RecordedPredictions(tuple(probe.meta["bin_edges"]), prompt_pred, probs,
                                data.output_len)
-
-
-def _shipped_probe(model: str) -> str:
-    from transformers import AutoConfig
-
-    from vllm_ext.probes.base import model_fingerprint, shipped_probe_path
-
-    path = shipped_probe_path("length", model_fingerprint(AutoConfig.from_pretrained(model), model))
-    if path is None:
-        raise FileNotFoundError(f"no shipped length probe for {model}; pass --probe")
-    return str(path)
 
 
 @dataclass
