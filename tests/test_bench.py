@@ -81,3 +81,34 @@ def test_mean_over_repeats_and_per_repeat_ratios():
     assert merged["base"]["mean_e2el_ms"] == 150.0 and merged["new"]["mean_e2el_ms"] == 145.0
     per = ratio_table(rows, "base", by_repeat=True)
     assert "(1.10x)" in per and "(0.90x)" in per
+
+
+def test_cpu_table_per_role_and_ratio():
+    from vllm_ext.bench.cli import cpu_per_token_ms
+    from vllm_ext.bench.report import cpu_table
+
+    before = {"api": 1.0, "engine": 2.0, "worker": 3.0}
+    after = {"api": 1.5, "engine": 3.0, "worker": 5.0}
+    cost = cpu_per_token_ms(before, after, {"total_output_tokens": 1000})
+    assert cost == pytest.approx({"cpu_api_ms_per_tok": 0.5, "cpu_engine_ms_per_tok": 1.0,
+                                  "cpu_worker_ms_per_tok": 2.0})
+    rows = [{"config": "base", "rate": 1.0, **cost},
+            {"config": "new", "rate": 1.0, **{k: 1.1 * v for k, v in cost.items()}}]
+    table = cpu_table(rows, "base")
+    assert "3.500 (1.000x)" in table and "3.850 (1.100x)" in table
+    assert cpu_table([{"config": "base", "rate": 1.0}], "base") == ""
+
+
+def test_cpu_seconds_of_a_process_tree():
+    import subprocess
+    import sys
+
+    from vllm_ext.bench.servers import cpu_seconds
+
+    child = subprocess.Popen([sys.executable, "-c", "sum(range(10**7))"])
+    try:
+        start = cpu_seconds(child.pid)
+        assert set(start) == {"api", "engine", "worker"}
+    finally:
+        child.wait()
+    assert cpu_seconds(child.pid) == {"api": 0.0, "engine": 0.0, "worker": 0.0}  # gone

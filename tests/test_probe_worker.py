@@ -1,5 +1,6 @@
-"""ProbeWorker's hand-off of probe values (no engine): on CPU with async scheduling the probe
-runs when the step's output is resolved, from rows copied out of the hook buffer at the step."""
+"""ProbeWorker's hand-off of probe values (no engine): the probe runs in the step, on CPU as on
+a GPU, and an async output carries the values when it is resolved (no probe work in vLLM's
+output thread, where it waited for the GIL held by the forward)."""
 from types import SimpleNamespace
 
 import torch
@@ -31,19 +32,19 @@ def _pending(rows: torch.Tensor):
     return ["a", "b"], {0: rows}
 
 
-def test_async_output_gets_values_when_resolved_from_the_step_rows():
+def test_async_output_is_probed_in_the_step_and_carries_the_values():
     probe = _Probe()
     worker = _worker(probe)
-    rows = torch.tensor([[0.25, 0.75], [0.5, 0.5]])
-    worker.ext_pending = _pending(rows.clone())
-    rows.zero_()  # the next forward overwrites the hook buffer; the copy taken is what counts
-    output = SimpleNamespace(get_output=lambda: SimpleNamespace())
+    resolved = []
+    worker.ext_pending = _pending(torch.tensor([[0.25, 0.75], [0.5, 0.5]]))
+    output = SimpleNamespace(get_output=lambda: resolved.append(1) or SimpleNamespace())
     returned = worker._attach(output)
-    assert probe.calls == 0                                 # deferred on CPU
+    assert probe.calls == 1 and not resolved                # in the step, before resolution
+    assert worker.ext_store.entries["a"].latest == {"bin0": 0.25, "bin1": 0.75}
     result = returned.get_output()
+    assert resolved == [1] and probe.calls == 1             # resolving runs no probe
     assert result.probe_values == {"a": {"bin0": 0.25, "bin1": 0.75},
                                    "b": {"bin0": 0.5, "bin1": 0.5}}
-    assert worker.ext_store.entries["a"].latest == {"bin0": 0.25, "bin1": 0.75}
     assert worker.ext_pending is None
 
 

@@ -24,8 +24,8 @@ def server(model_path, tmp_path_factory):
     flags = (f"--enforce-eager --max-model-len 512 --ext-policy oracle "
              f"--ext-probe {probe_path} --ext-probe-every 2")
     with running_server("ext", model_path, flags,
-                        tmp_path_factory.mktemp("log") / "server.log", timeout_s=300) as base:
-        yield base
+                        tmp_path_factory.mktemp("log") / "server.log", timeout_s=300) as running:
+        yield running.url
 
 
 @pytest.fixture

@@ -59,6 +59,13 @@ def _measure(base_url: str, model: str, args, rate: float):
     return records, summarize(records[args.warmup:], wall)
 
 
+def cpu_per_token_ms(before: dict, after: dict, summary: dict) -> dict:
+    """Server CPU time per output token (ms) during one run, per process role."""
+    tokens = max(1, summary.get("total_output_tokens") or 0)
+    return {f"cpu_{role}_ms_per_tok": 1000 * (after[role] - before[role]) / tokens
+            for role in after}
+
+
 def cmd_serve(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -91,9 +98,11 @@ def cmd_compare(args) -> None:
     for rep in range(args.repeats):  # configs interleaved per repeat: A B A B ...
         for name, kind, extra in configs:
             with running_server(kind, model, f"{args.server_args} {extra}",
-                                out / f"{name}.server.log") as base:
+                                out / f"{name}.server.log") as server:
                 for rate in args.rates:
-                    records, summary = _measure(base, "bench", args, rate)
+                    before = server.cpu_seconds()
+                    records, summary = _measure(server.url, "bench", args, rate)
+                    summary.update(cpu_per_token_ms(before, server.cpu_seconds(), summary))
                     rows.append({"config": name, "rate": rate, "repeat": rep, **summary})
                     runs.setdefault(f"{name}@{rate}", []).extend(records)
                     report.write_records(out / f"{name}@{rate}.r{rep}.jsonl", records)
@@ -102,6 +111,7 @@ def cmd_compare(args) -> None:
     table = report.ratio_table(report.mean_over_repeats(rows), args.baseline)
     if args.repeats > 1:
         table += "\n\nper repeat:\n" + report.ratio_table(rows, args.baseline, by_repeat=True)
+    table += "\n\n" + report.cpu_table(report.mean_over_repeats(rows), args.baseline)
     print("\n" + table)
     (out / "compare.txt").write_text(" ".join(sys.argv) + "\n\n" + table + "\n")
     (out / "compare.json").write_text(json.dumps({"argv": sys.argv, "rows": rows}, indent=2))

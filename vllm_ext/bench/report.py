@@ -24,6 +24,29 @@ def summary_table(summary: dict, title: str = "") -> str:
     return "\n".join(lines)
 
 
+CPU_ROLES = ("api", "engine", "worker")
+
+
+def cpu_table(rows: list[dict], baseline: str) -> str:
+    """Server CPU time per output token (ms) by process, with the total's ratio to the
+    baseline: what each configuration's own work costs on a CPU engine."""
+    rows = [r for r in rows if all(f"cpu_{k}_ms_per_tok" in r for k in CPU_ROLES)]
+    if not rows:
+        return ""
+    total = {(r["config"], r["rate"]): sum(r[f"cpu_{k}_ms_per_tok"] for k in CPU_ROLES)
+             for r in rows}
+    lines = ["server CPU per output token (ms):",
+             f"{'config':<14}{'rate':>6}" + "".join(f"{k:>10}" for k in CPU_ROLES)
+             + f"{'total':>18}"]
+    for r in rows:
+        t, b = total[(r["config"], r["rate"])], total.get((baseline, r["rate"]))
+        ratio = f" ({t / b:.3f}x)" if b else ""
+        lines.append(f"{r['config']:<14}{r['rate']:>6.2f}"
+                     + "".join(f"{r[f'cpu_{k}_ms_per_tok']:>10.3f}" for k in CPU_ROLES)
+                     + f"{f'{t:.3f}' + ratio:>18}")
+    return "\n".join(lines)
+
+
 def mean_over_repeats(rows: list[dict]) -> list[dict]:
     """One row per (config, rate): the mean of every numeric field over repeats."""
     groups: dict[tuple, list[dict]] = {}

@@ -8,17 +8,53 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
 STOCK = "stock"
+# process titles vLLM sets (setproctitle); anything else in the server's tree counts as "api"
+ROLES = {"VLLM::EngineCore": "engine", "VLLM::Worker": "worker"}
+
+
+def cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU time (user + system, s) used so far by a server's process tree, per role: "api"
+    (the HTTP server), "engine" (EngineCore: scheduler), "worker" (model forward). Sampled
+    before and after a run, the difference is what that run cost each process; on a CPU
+    engine the processes share the cores, so a policy's bookkeeping shows up here."""
+    import psutil
+
+    out = {"api": 0.0, "engine": 0.0, "worker": 0.0}
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return out
+    for proc in procs:
+        try:
+            title = " ".join(proc.cmdline()) or proc.name()
+            times = proc.cpu_times()
+        except psutil.Error:  # exited between the listing and the read
+            continue
+        role = next((r for prefix, r in ROLES.items() if title.startswith(prefix)), "api")
+        out[role] += times.user + times.system
+    return out
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class Server:
+    url: str
+    pid: int
+
+    def cpu_seconds(self) -> dict[str, float]:
+        return cpu_seconds(self.pid)
 
 
 def server_argv(kind: str, model: str, port: int, extra: str) -> list[str]:
@@ -52,7 +88,7 @@ def running_server(kind: str, model: str, extra: str, log_path: Path, timeout_s:
             except httpx.HTTPError:
                 pass
             time.sleep(1)
-        yield base
+        yield Server(base, proc.pid)
     finally:
         proc.terminate()
         try:

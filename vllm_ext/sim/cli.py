@@ -97,8 +97,8 @@ def _served_samples(args, model: str) -> list:
         from vllm_ext.bench.servers import running_server
 
         log = Path(args.out).with_suffix(".server.log")
-        with running_server("ext", model, args.server_args, log) as base_url:
-            samples = profile_server(base_url, batch_sizes=args.batch_sizes)
+        with running_server("ext", model, args.server_args, log) as server:
+            samples = profile_server(server.url, batch_sizes=args.batch_sizes)
     if args.calibration_run:
         recs = [json.loads(x) for x in Path(args.calibration_run).read_text().splitlines()]
         samples = [s for s in samples if s[0] != s[1]] + [

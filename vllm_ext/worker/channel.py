@@ -46,7 +46,7 @@ class PredictionStore:
 
     def query(self, tag: str | None = None, req_ids: list[str] | None = None) -> dict[str, dict]:
         out = {}
-        for req_id, entry in list(self.entries.items()):  # records come from the output thread
+        for req_id, entry in list(self.entries.items()):  # a snapshot: records may land meanwhile
             if (tag is not None and entry.tag == tag) or (req_ids and req_id in req_ids):
                 out[req_id] = {"values": entry.latest, "probe_runs": entry.steps}
                 if self.keep_history:

@@ -140,29 +140,28 @@ class ProbeWorker(_BaseWorker):
         return self._attach(super().sample_tokens(*args, **kwargs))
 
     def _attach(self, output):
-        """Hand this step's probe values to the scheduler with the step's output. On CPU with
-        async scheduling they are computed when the output is resolved, which vLLM's
-        multiprocess worker does in its output thread while the main thread runs the next
-        step (the rows were already copied out of the hook buffers, see `_run_probes`). On a
-        GPU the probes run here, as their kernels must stay on the forward's stream."""
+        """Hand this step's probe values to the scheduler with the step's output. The probes
+        run here, in the step, on every platform (on a GPU their kernels stay on the forward's
+        stream), so one code path serves both and nothing runs in vLLM's async output thread,
+        which on CPU shares the worker's one core and the GIL with the forward. (Deferring the
+        CPU probe to that thread was tried; it did not measure better: docs/trail.md.)"""
         pending = getattr(self, "ext_pending", None)
         if pending is None or output is None:
             return output
+        if not hasattr(output, "sampled_token_ids") and not hasattr(output, "get_output"):
+            return output  # no output this call (execute_model before sampling): keep pending
         self.ext_pending = None
+        values = self._evaluate(pending)
         if hasattr(output, "sampled_token_ids"):
-            output.probe_values = self._evaluate(pending)
-        elif hasattr(output, "get_output"):
-            inner_get = output.get_output
-            on_cpu = torch.device(self.device).type == "cpu"
-            values = None if on_cpu else self._evaluate(pending)
+            output.probe_values = values
+            return output
+        inner_get = output.get_output
 
-            def get_output():
-                result = inner_get()
-                result.probe_values = self._evaluate(pending) if values is None else values
-                return result
-            output.get_output = get_output
-        else:
-            self.ext_pending = pending  # no output this call (execute_model before sampling)
+        def get_output():
+            result = inner_get()
+            result.probe_values = values
+            return result
+        output.get_output = get_output
         return output
 
     def _evaluate(self, pending) -> dict[str, dict[str, float]]:
@@ -183,10 +182,9 @@ class ProbeWorker(_BaseWorker):
 
     def _run_probes(self) -> tuple[list[str], dict[int, torch.Tensor]] | None:
         """Which requests to probe this step: all of them on every k-th step, in between only
-        requests that just started (their initial prediction). Returns their rows, copied out
-        of the hook buffers (the next forward overwrites those), for `_evaluate`; None on a
-        step with nothing to probe, before touching a tensor, so between probe steps the
-        worker's only cost is the layer hook's copy."""
+        requests that just started (their initial prediction). Returns their rows of the hook
+        buffers for `_evaluate`; None on a step with nothing to probe, before touching a
+        tensor, so between probe steps the worker's only cost is the layer hook's copy."""
         self.ext_step += 1
         refresh_all = self.ext_step % self.ext_config.probe_every == 0
         if not refresh_all and not self.ext_awaiting:
