@@ -105,10 +105,20 @@ def test_cpu_seconds_of_a_process_tree():
 
     from vllm_ext.bench.servers import cpu_seconds
 
-    child = subprocess.Popen([sys.executable, "-c", "sum(range(10**7))"])
+    # a "server" whose child burns CPU, then both wait: the child's time counts as "api"
+    code = ("import subprocess, sys; c = subprocess.Popen([sys.executable, '-c', "
+            "'import time; sum(range(3 * 10**7)); print(1, flush=True); time.sleep(30)'], "
+            "stdout=sys.stdout); c.wait()")
+    root = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
-        start = cpu_seconds(child.pid)
-        assert set(start) == {"api", "engine", "worker"}
+        assert root.stdout.readline().strip() == "1"
+        used = cpu_seconds(root.pid)
+        assert set(used) == {"api", "engine", "worker"}
+        assert used["api"] > 0.2 and used["engine"] == used["worker"] == 0.0
     finally:
-        child.wait()
-    assert cpu_seconds(child.pid) == {"api": 0.0, "engine": 0.0, "worker": 0.0}  # gone
+        import psutil
+
+        for child in psutil.Process(root.pid).children(recursive=True):
+            child.kill()
+        root.wait()
+    assert cpu_seconds(root.pid) == {"api": 0.0, "engine": 0.0, "worker": 0.0}  # gone

@@ -22,7 +22,8 @@ def cpu_seconds(pid: int) -> dict[str, float]:
     """CPU time (user + system, s) used so far by a server's process tree, per role: "api"
     (the HTTP server), "engine" (EngineCore: scheduler), "worker" (model forward). Sampled
     before and after a run, the difference is what that run cost each process; on a CPU
-    engine the processes share the cores, so a policy's bookkeeping shows up here."""
+    engine the processes share the cores, so a policy's bookkeeping shows up here (as does
+    any time a process spends polling, which grows with the run's duration)."""
     import psutil
 
     out = {"api": 0.0, "engine": 0.0, "worker": 0.0}
