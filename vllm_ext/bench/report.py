@@ -116,9 +116,15 @@ def plot_sweep(path: Path, rows: list[dict], metric: str = "mean_e2el_ms", title
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    means = mean_over_repeats(rows)  # one line point per rate; each repeat as a faint dot
     for config in dict.fromkeys(r["config"] for r in rows):
-        pts = sorted((r["rate"], r[metric]) for r in rows if r["config"] == config and r[metric])
-        ax.plot([p[0] for p in pts], [p[1] / 1000 for p in pts], marker="o", label=config)
+        pts = sorted((r["rate"], r[metric]) for r in means if r["config"] == config and r[metric])
+        line, = ax.plot([p[0] for p in pts], [p[1] / 1000 for p in pts], marker="o",
+                        label=config)
+        if any(r.get("repeats", 1) > 1 for r in means if r["config"] == config):
+            reps = [(r["rate"], r[metric]) for r in rows if r["config"] == config and r[metric]]
+            ax.scatter([p[0] for p in reps], [p[1] / 1000 for p in reps], s=12, alpha=0.35,
+                       color=line.get_color())
     ax.set_xlabel(xlabel)
     ax.set_ylabel(metric.replace("_ms", "") + " (s)")
     if title:
