@@ -13,6 +13,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from vllm_ext.sim.profile import STALL_FACTOR  # the simulator's calibration uses the same rule
+
 
 def gaps_of(path: Path) -> dict:
     gaps = [g for line in path.read_text().splitlines() if line.strip()
@@ -20,7 +22,7 @@ def gaps_of(path: Path) -> dict:
     if not gaps:
         return {"median_ms": float("nan"), "decode_ms": float("nan"), "stalls": 0}
     median = statistics.median(gaps)
-    decode = [g for g in gaps if g < 10 * median]
+    decode = [g for g in gaps if g <= STALL_FACTOR * median]
     return {"median_ms": 1000 * median, "decode_ms": 1000 * statistics.fmean(decode),
             "stalls": len(gaps) - len(decode)}
 

@@ -100,7 +100,11 @@ def fit_served_cost(samples) -> tuple[StepCost, float, float]:
     return cost, max(0.0, overhead), err
 
 
-def loaded_decode_samples(records: list[dict], stall: float = 10.0) -> list[tuple[int, int, float]]:
+STALL_FACTOR = 10.0  # an inter-token gap over this x the run's median is a stall, not a step
+
+
+def loaded_decode_samples(records: list[dict],
+                          stall: float = STALL_FACTOR) -> list[tuple[int, int, float]]:
     """Decode step times under real load, from one `bench serve`/`compare` run's records:
     every inter-token gap of every request, with the number of requests decoding at that
     moment; the mean gap per concurrency B gives a (B, B, seconds) sample. Under load a step
