@@ -1,7 +1,7 @@
 """Decode step cost and preemption stalls of benchmark runs, from their per-request JSONL.
 
-A gap between two streamed tokens of a request is a decode step when it is under 10x the
-run's median gap; a longer one is a stall (the request was preempted and recomputed, or waited
+A gap between two streamed tokens of a request is a decode step when it is at most
+`STALL_FACTOR` (10) x the run's median gap, the simulator's calibration rule; a longer one is a stall (the request was preempted and recomputed, or waited
 behind a long prefill). Per run: median gap, mean of the decode gaps, number of stalls:
 
     .venv/bin/python scripts/decode_gaps.py results/trail12/*@2.5.r*.jsonl

@@ -1,6 +1,6 @@
 """ProbeWorker's hand-off of probe values (no engine): the probe runs in the step, on CPU as on
 a GPU, and an async output carries the values when it is resolved (no probe work in vLLM's
-output thread, where it waited for the GIL held by the forward)."""
+output thread)."""
 from types import SimpleNamespace
 
 import torch

@@ -108,10 +108,11 @@ def cmd_compare(args) -> None:
                     report.write_records(out / f"{name}@{rate}.r{rep}.jsonl", records)
                     print(report.summary_table(summary, f"== {name} @ {rate} req/s, "
                                                         f"repeat {rep} =="), flush=True)
-    table = report.ratio_table(report.mean_over_repeats(rows), args.baseline)
+    means = report.mean_over_repeats(rows)
+    table = report.ratio_table(means, args.baseline)
     if args.repeats > 1:
         table += "\n\nper repeat:\n" + report.ratio_table(rows, args.baseline, by_repeat=True)
-    table += "\n\n" + report.cpu_table(report.mean_over_repeats(rows), args.baseline)
+    table += "\n\n" + report.cpu_table(means, args.baseline)
     print("\n" + table)
     (out / "compare.txt").write_text(" ".join(sys.argv) + "\n\n" + table + "\n")
     (out / "compare.json").write_text(json.dumps({"argv": sys.argv, "rows": rows}, indent=2))

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from vllm_ext.bench.metrics import RequestRecord
+from vllm_ext.bench.servers import CPU_ROLES
 
 TABLE_FIELDS = ("mean_e2el_ms", "median_e2el_ms", "p99_e2el_ms", "mean_ttft_ms",
                 "p99_ttft_ms", "mean_tpot_ms", "output_throughput")
@@ -22,9 +23,6 @@ def summary_table(summary: dict, title: str = "") -> str:
         lines.append(f"{name:<8}" + "".join(f"{v:>10.1f}" if v is not None else f"{'-':>10}"
                                             for v in vals))
     return "\n".join(lines)
-
-
-CPU_ROLES = ("api", "engine", "worker")
 
 
 def cpu_table(rows: list[dict], baseline: str) -> str:

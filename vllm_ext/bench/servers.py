@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 
 STOCK = "stock"
+CPU_ROLES = ("api", "engine", "worker")
 # process titles vLLM sets (setproctitle); anything else in the server's tree counts as "api"
 ROLES = {"VLLM::EngineCore": "engine", "VLLM::Worker": "worker"}
 
@@ -26,7 +27,7 @@ def cpu_seconds(pid: int) -> dict[str, float]:
     any time a process spends polling, which grows with the run's duration)."""
     import psutil
 
-    out = {"api": 0.0, "engine": 0.0, "worker": 0.0}
+    out = dict.fromkeys(CPU_ROLES, 0.0)
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
