@@ -3,6 +3,8 @@
 Added with vLLM's own ``--middleware vllm_ext.server.middleware.ExtMiddleware`` (``vllm-ext
 serve`` adds it), so it works on plain ``vllm serve`` too. It
   * serves ``GET /v1/ext/config``: the active ExtConfig, scheduler/worker classes, versions;
+  * serves ``POST /v1/ext/admin/config`` (live config switch, token-protected: `admin`);
+  * refreshes vllm-ext's counters before vLLM renders ``GET /metrics`` (`metrics`);
   * validates the ``ext_*`` keys of ``vllm_xargs`` on completions and chat requests and answers
     HTTP 400 with a message for a malformed one (the request never reaches the engine);
   * with ``vllm_xargs: {"ext_return_predictions": true}`` tags the request, and after vLLM has
@@ -13,9 +15,11 @@ serve`` adds it), so it works on plain ``vllm serve`` too. It
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from typing import Any
 
+from vllm_ext.server import admin, metrics
 from vllm_ext.worker.channel import TAG_KEY
 
 GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions")
@@ -66,6 +70,11 @@ class ExtMiddleware:
         path, method = scope["path"], scope["method"]
         if path == "/v1/ext/config" and method == "GET":
             return await _send_json(send, 200, await ext_config_payload(scope["app"]))
+        if path == admin.ADMIN_PATH:
+            return await _admin(scope, receive, send)
+        if path.rstrip("/") == "/metrics" and method == "GET":
+            await metrics.refresh(scope["app"])
+            return await self.app(scope, receive, send)
         if path not in GENERATE_PATHS or method != "POST":
             return await self.app(scope, receive, send)
         raw = await _read_body(receive)
@@ -161,22 +170,38 @@ async def read_predictions(app, tag: str) -> dict:
     return merged
 
 
+async def _admin(scope, receive, send) -> None:
+    headers = dict(scope.get("headers", []))
+    raw = await _read_body(receive)
+    try:
+        admin.check_token(headers)
+        if scope["method"] != "POST":
+            raise admin.AdminError(405, f"{admin.ADMIN_PATH} takes POST")
+        payload = await admin.apply(scope["app"], raw)
+    except admin.AdminError as exc:
+        return await _send_json(send, exc.status, {"error": {
+            "message": str(exc), "type": "AdminError", "code": exc.status}})
+    await _send_json(send, 200, payload)
+
+
 async def ext_config_payload(app) -> dict:
+    """Versions, classes, the config the engine started with and the one active now."""
     import vllm
 
     import vllm_ext
-    from vllm_ext.config import CONFIG_KEY, ExtConfig
 
-    engine = app.state.engine_client
-    vconf = engine.vllm_config
-    extra = vconf.additional_config if isinstance(vconf.additional_config, dict) else {}
+    vconf = app.state.engine_client.vllm_config
+    active = await admin.active_config(app)
     return {
         "vllm_ext_version": vllm_ext.__version__,
         "vllm_version": vllm.__version__,
         "model": vconf.model_config.model,
         "scheduler_cls": str(vconf.scheduler_config.scheduler_cls),
         "worker_cls": vconf.parallel_config.worker_cls,
-        "config": ExtConfig.from_dict(extra.get(CONFIG_KEY)).to_dict(),
+        "config": {k: v for k, v in active.items() if k != "active_policy"},
+        "active_policy": active.get("active_policy", active.get("policy")),
+        "startup_config": admin.startup_config(app).to_dict(),
+        "admin": bool(os.environ.get(admin.TOKEN_ENV)),
     }
 
 

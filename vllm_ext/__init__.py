@@ -56,6 +56,9 @@ def register() -> None:
     from vllm_ext.kernels.select import install as install_hack_backend
 
     install_hack_backend()  # resolved per engine at backend selection; 16-bit KV gets stock vLLM
+    from vllm_ext.engine_rpc import install as install_engine_rpc
+
+    install_engine_rpc()  # adds EngineCore.ext_scheduler_call (live config, /metrics)
     _registered = True
     logger.info("vllm-ext %s registered on vLLM %s; available: %s", __version__, version,
                 "; ".join(FEATURES.values()))

@@ -15,6 +15,7 @@ import sys
 
 from vllm_ext.config import KV_BITS, KV_PARTITIONS, MOE_ROUTERS, POLICIES, ExtConfig, ExtConfigError
 from vllm_ext.config import parse_laser_bands
+from vllm_ext.server.admin import TOKEN_ENV
 
 SCHEDULER_CLS = "vllm_ext.sched.scheduler.PredictiveScheduler"
 WORKER_CLS = "vllm_ext.worker.probe_worker.ProbeWorker"
@@ -38,6 +39,11 @@ def ext_arg_parser() -> argparse.ArgumentParser:
                         "C x its initial prediction")
     g.add_argument("--ext-no-trail-smoothing", action="store_true",
                    help="trail: use each probe output as is (no Bayesian smoothing)")
+    g.add_argument("--ext-no-preemption-cost", action="store_true",
+                   help="trail/spjf: do not charge the victim's recompute against a preemption")
+    g.add_argument("--ext-admin-token", metavar="TOKEN",
+                   help="enable POST /v1/ext/admin/config (live policy switch) for callers "
+                        "sending 'Authorization: Bearer TOKEN' (or set VLLM_EXT_ADMIN_TOKEN)")
     g.add_argument("--ext-probe", action="append", default=[], metavar="FILE",
                    help="probe file to load into the ProbeWorker (repeatable)")
     g.add_argument("--ext-probe-every", type=int, default=8,
@@ -88,6 +94,8 @@ def ext_config_from_args(ns: argparse.Namespace) -> ExtConfig:
         "max_preemptions_per_step": ns.ext_max_preemptions_per_step,
         "trail_preempt_fraction": ns.ext_trail_preempt_fraction,
         "trail_smoothing": not ns.ext_no_trail_smoothing,
+        "preemption_cost": not ns.ext_no_preemption_cost,
+        "live_config": bool(getattr(ns, "ext_admin_token", None) or os.environ.get(TOKEN_ENV)),
         "probe_paths": [os.path.abspath(p) for p in ns.ext_probe],
         "probe_every": ns.ext_probe_every,
         "probe_history": ns.ext_probe_history,
@@ -157,6 +165,10 @@ def serve(argv: list[str]) -> None:
     if stray:
         ext_parser.error(f"unrecognized vllm-ext flag: {stray[0].split('=')[0]} "
                          f"(see `vllm-ext serve --help`)")
+    if ns.ext_admin_token is not None:
+        if not ns.ext_admin_token.strip():
+            ext_parser.error("--ext-admin-token: must not be empty")
+        os.environ[TOKEN_ENV] = ns.ext_admin_token  # read by the admin route in this process
     try:
         ext = ext_config_from_args(ns)
     except ExtConfigError as exc:

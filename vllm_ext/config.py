@@ -20,6 +20,12 @@ LASER_BAND_KEYS = {"eps_high": float, "entropy_max": float, "pool_threshold": fl
                    "pool_max": int, "rounds": int}
 KV_BITS = (16, 8, 4, 2)
 KV_PARTITIONS = (32, 64, 128)  # HACK: tokens per K quantization partition
+# Settings that may change on a live server between steps (`vllm_ext.server.admin`): the
+# scheduler rebuilds its policy, the workers re-read the probe cadence. The others (model
+# structure: MoE layers, KV format, which probes are loaded) are fixed at engine start.
+LIVE_FIELDS = ("policy", "preemption_margin", "max_preemptions_per_request",
+               "max_preemptions_per_step", "trail_preempt_fraction", "trail_smoothing",
+               "preemption_cost", "probe_every")
 
 
 class ExtConfigError(ValueError):
@@ -39,6 +45,12 @@ class ExtConfig:
     max_preemptions_per_step: int = 1
     trail_preempt_fraction: float = 0.8
     trail_smoothing: bool = True
+    # trail/spjf: count the victim's recompute (prefill of its tokens so far, at the engine's
+    # measured step cost) against a preemption (`vllm_ext.sched.step_cost`)
+    preemption_cost: bool = True
+    # workers load every probe a live policy switch may need, and run them only while the
+    # active policy reads them (set by `vllm-ext serve --ext-admin-token`)
+    live_config: bool = False
     # Prediction channel (ProbeWorker)
     probe_paths: tuple[str, ...] = ()
     probe_layer: int | None = None
@@ -106,6 +118,26 @@ class ExtConfig:
         out["probe_paths"] = list(self.probe_paths)
         out["capture_layers"] = list(self.capture_layers)
         return out
+
+    def with_live_changes(self, changes: dict[str, Any]) -> "ExtConfig":
+        """This config with `changes` applied; only `LIVE_FIELDS` may change (ExtConfigError
+        naming the key otherwise), and the result is validated like a startup config."""
+        if not isinstance(changes, dict):
+            raise ExtConfigError(f"expected a JSON object of settings, got {changes!r}")
+        fixed = sorted(k for k in changes if k not in LIVE_FIELDS)
+        if fixed:
+            raise ExtConfigError(
+                f"setting(s) {', '.join(fixed)} cannot change on a live server (restart with "
+                f"the flag instead); live: {', '.join(LIVE_FIELDS)}")
+        return ExtConfig.from_dict({**self.to_dict(), **changes})
+
+    def live_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in LIVE_FIELDS}
+
+    def needs_probes(self) -> bool:
+        """Whether workers run their probes under this config: explicit probe files, or a
+        policy that refines on the length probe."""
+        return bool(self.probe_paths) or self.policy == "trail"
 
     def to_additional_config(self) -> str:
         return json.dumps({CONFIG_KEY: self.to_dict()})

@@ -4,6 +4,8 @@ serve:   one open-loop run against a running server; JSONL + summary JSON + tabl
 compare: starts a server per configuration (ours with --ext-* flags, or stock vLLM), replays
          the identical seeded arrivals against each, back to back, at each rate; prints every
          metric with its ratio to the baseline configuration, writes a sweep plot.
+         With --same-server: one server, configs switched live in paired blocks with
+         bootstrap CIs (`vllm_ext.bench.same_server`).
 
 Example (the README's policy figure):
   vllm-ext bench compare --config stock=stock: --config fcfs=ext:--ext-policy\\ fcfs \\
@@ -51,7 +53,10 @@ def _requests(args, rate: float):
 
 
 def _measure(base_url: str, model: str, args, rate: float):
-    reqs = _requests(args, rate)
+    return measure_requests(base_url, model, args, _requests(args, rate))
+
+
+def measure_requests(base_url: str, model: str, args, reqs):
     records, wall = asyncio.run(run_load(
         base_url, model, reqs, send_true_len=not args.no_true_len, ignore_eos=args.ignore_eos,
         duration_s=args.duration))
@@ -94,6 +99,15 @@ def cmd_compare(args) -> None:
         sys.exit(f"vllm-ext bench compare: --baseline {args.baseline!r} is not a --config name")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.same_server:
+        from vllm_ext.bench import same_server
+        if any(kind != "ext" for _, kind, _ in configs):
+            sys.exit("vllm-ext bench compare --same-server: every --config must be NAME=ext:FLAGS "
+                     "(a stock server cannot switch live)")
+        cache: dict[float, list] = {}
+        return same_server.run(args, configs, model,
+                               lambda rate: cache.setdefault(rate, _requests(args, rate)))
+    from vllm_ext.bench import live
     rows, runs = [], {}
     for rep in range(args.repeats):  # configs interleaved per repeat: A B A B ...
         for name, kind, extra in configs:
@@ -101,8 +115,11 @@ def cmd_compare(args) -> None:
                                 out / f"{name}.server.log") as server:
                 for rate in args.rates:
                     before = server.cpu_seconds()
+                    counters = live.scrape(server.url) if kind == "ext" else None
                     records, summary = _measure(server.url, "bench", args, rate)
                     summary.update(cpu_per_token_ms(before, server.cpu_seconds(), summary))
+                    if counters is not None:
+                        summary.update(live.counter_deltas(counters, live.scrape(server.url)))
                     rows.append({"config": name, "rate": rate, "repeat": rep, **summary})
                     runs.setdefault(f"{name}@{rate}", []).extend(records)
                     report.write_records(out / f"{name}@{rate}.r{rep}.jsonl", records)
@@ -112,6 +129,8 @@ def cmd_compare(args) -> None:
     table = report.ratio_table(means, args.baseline)
     if args.repeats > 1:
         table += "\n\nper repeat:\n" + report.ratio_table(rows, args.baseline, by_repeat=True)
+        from vllm_ext.bench.paired import ci_table
+        table += "\n\n" + ci_table(rows, args.baseline, unit="repeat")
     table += "\n\n" + report.cpu_table(means, args.baseline)
     print("\n" + table)
     (out / "compare.txt").write_text(" ".join(sys.argv) + "\n\n" + table + "\n")
@@ -137,9 +156,18 @@ def main(argv: list[str]) -> None:
     c.add_argument("--server-args", default="", help="flags for every server")
     c.add_argument("--repeats", type=int, default=1,
                    help="run the configurations this many times, interleaved; report means")
+    c.add_argument("--same-server", action="store_true",
+                   help="one server; configs switched live in paired, interleaved blocks "
+                        "with bootstrap CIs (only live --ext-* settings may differ)")
+    c.add_argument("--blocks", type=int, default=8,
+                   help="--same-server: rounds (each config runs one block per round)")
+    c.add_argument("--block-requests", type=int, default=40,
+                   help="--same-server: requests per block (fresh arrivals each round)")
+    c.add_argument("--idle-gap", type=float, default=2.0,
+                   help="--same-server: seconds of idle between blocks (after the drain)")
     _workload_args(c)
     args = parser.parse_args(argv)
-    for name in ("rate", "num_requests", "max_tokens"):
+    for name in ("rate", "num_requests", "max_tokens", "blocks", "block_requests", "repeats"):
         if getattr(args, name, 1) is not None and getattr(args, name, 1) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be > 0")
     {"serve": cmd_serve, "compare": cmd_compare}[args.command](args)

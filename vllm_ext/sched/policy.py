@@ -57,6 +57,11 @@ class Policy:
     ) -> RequestView | None:
         return None
 
+    def first_prediction(self, request_id: str) -> float | None:
+        """The request's first predicted total output length (None: the policy predicts
+        none); compared with the actual length at finish for `/metrics`."""
+        return None
+
 
 class FcfsPolicy(Policy):
     name = "fcfs"
@@ -68,6 +73,9 @@ class SrptPolicy(Policy):
 
     margin: float = 0.0
     max_preemptions_per_request: int = 4
+    # cost-aware preemption: decode steps one recomputed victim token costs, kept current by
+    # the engine (`vllm_ext.sched.step_cost`); 0 = margin-only rule
+    recompute_steps_per_token: float = 0.0
     name = "srpt"
     reorders = True
 
@@ -87,9 +95,15 @@ class SrptPolicy(Policy):
         if not pool:
             return None
         victim = max(pool, key=self.sort_key)
-        if self.remaining(candidate) + self.margin < self.remaining(victim):
+        if (self.remaining(candidate) + self.margin + self.recompute_cost(victim)
+                < self.remaining(victim)):
             return victim
         return None
+
+    def recompute_cost(self, victim: RequestView) -> float:
+        """Decode steps the victim's re-prefill (prompt + tokens generated so far) costs."""
+        return self.recompute_steps_per_token * (victim.num_prompt_tokens
+                                                 + victim.num_output_tokens)
 
 
 class OraclePolicy(SrptPolicy):

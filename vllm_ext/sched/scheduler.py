@@ -16,6 +16,14 @@ skip all three, so the stock FCFS behaviour is reproduced exactly.
 
 Predictions from the ProbeWorker arrive as ``ModelRunnerOutput.probe_values`` and are kept per
 request for the policy. A policy error is logged once and the scheduler falls back to FCFS.
+Per-request state (predictions, sort keys, the policy's trackers) is dropped in
+``_free_request``, which vLLM calls for every finished and aborted request.
+
+Live configuration (``ext_*`` methods, reached from the API server through the one method
+`vllm_ext.engine_rpc` adds to EngineCore): ``ext_apply_config`` swaps the policy between steps
+(`LIVE_FIELDS`), ``ext_get_config`` and ``ext_get_stats`` report it and the counters behind
+``/metrics`` (`vllm_ext.sched.stats`). For trail/spjf the recompute of a victim is charged
+against a preemption at the step cost measured here (`vllm_ext.sched.step_cost`).
 """
 from __future__ import annotations
 
@@ -29,7 +37,10 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
 from vllm_ext.config import ExtConfig
-from vllm_ext.sched.policy import TRUE_LEN_KEY, FcfsPolicy, Policy, RequestView, make_policy
+from vllm_ext.sched.policy import (TRUE_LEN_KEY, FcfsPolicy, Policy, RequestView, SrptPolicy,
+                                   make_policy)
+from vllm_ext.sched.stats import SchedStats
+from vllm_ext.sched.step_cost import StepCostFit
 
 logger = init_logger(__name__)
 
@@ -50,7 +61,10 @@ class _PredictiveMixin:
         # set) and predictions for a waiting request, not with the running requests' refinements
         self.ext_waiting_dirty = True
         self.ext_running_seen: tuple[str, ...] = ()
-        self.ext_num_policy_preemptions = 0
+        self.ext_stats = SchedStats()
+        self.ext_preempt_cause = "kv_pressure"  # "policy" while _preempt_for preempts
+        self.ext_step_cost = StepCostFit()
+        self.ext_last_update: float | None = None  # perf_counter of the last busy step's end
         if self.ext_policy.reorders and not isinstance(self.waiting, FCFSRequestQueue):
             logger.warning("vllm-ext: waiting queue is not FCFS (--scheduling-policy priority); "
                            "policy %s orders running requests only", self.ext_policy.name)
@@ -91,6 +105,8 @@ class _PredictiveMixin:
 
     def update_from_output(self, scheduler_output, model_runner_output):
         values = getattr(model_runner_output, "probe_values", None)
+        if values:  # async scheduling: a step may still carry a request freed since
+            values = {r: v for r, v in values.items() if r in self.requests}
         if values:
             self.ext_predictions.update(values)
             self.ext_dirty = True
@@ -103,13 +119,65 @@ class _PredictiveMixin:
                 if request is not None:  # generated count before this step's token
                     self._guard(observe, req_id, vals, request.num_output_tokens)
         outputs = super().update_from_output(scheduler_output, model_runner_output)
-        if len(self.ext_predictions) > len(self.requests):
-            forget = getattr(self.ext_policy, "forget", None)
-            for req_id in [r for r in self.ext_predictions if r not in self.requests]:
-                del self.ext_predictions[req_id]
-                if forget:
-                    forget(req_id)
+        self._time_step(scheduler_output.total_num_scheduled_tokens)
         return outputs
+
+    def _time_step(self, tokens: int) -> None:
+        """Step cost for cost-aware preemption: the time between two step ends while the
+        engine stayed busy (an idle engine's wait for arrivals is not a step)."""
+        now = time.perf_counter()
+        if self.ext_last_update is not None:
+            self.ext_step_cost.add(tokens, now - self.ext_last_update)
+        self.ext_last_update = now if self.has_unfinished_requests() else None
+
+    def _free_request(self, request: Request, *args, **kwargs):
+        """vLLM frees every finished or aborted request here: record the first prediction's
+        error, then drop the request's state (nothing per request outlives it)."""
+        req_id = request.request_id
+        try:
+            predicted = self.ext_policy.first_prediction(req_id)
+            if predicted is not None and request.status != RequestStatus.FINISHED_ABORTED:
+                self.ext_stats.observe_error(abs(predicted - request.num_output_tokens))
+        except Exception:
+            logger.exception("vllm-ext: prediction error of %s not recorded", req_id)
+        self.ext_predictions.pop(req_id, None)
+        self.ext_waiting_keys.pop(req_id, None)
+        forget = getattr(self.ext_policy, "forget", None)
+        if forget is not None:
+            self._guard(forget, req_id)
+        return super()._free_request(request, *args, **kwargs)
+
+    def _preempt_request(self, request: Request, *args, **kwargs) -> None:
+        self.ext_stats.count_preemption(self.ext_preempt_cause)
+        return super()._preempt_request(request, *args, **kwargs)
+
+    # ---- live configuration and stats (EngineCore.ext_scheduler_call) ----------------------
+    def ext_get_config(self) -> dict:
+        return {**self.ext_config.to_dict(), "active_policy": self.ext_policy.name}
+
+    def ext_apply_config(self, live: dict) -> dict:
+        """Swap to the live settings `live` (validated by the caller and again here) between
+        two steps. The new policy learns the prompts of the requests already here, and the
+        predictions they have, so running requests keep their place in its order."""
+        config = self.ext_config.with_live_changes(live)
+        policy = build_policy(config, self.vllm_config.model_config)
+        on_arrival = getattr(policy, "on_arrival", None)
+        observe = getattr(policy, "observe", None)
+        for req_id, request in self.requests.items():
+            if on_arrival is not None:
+                on_arrival(req_id, request.prompt_token_ids or [])
+            if observe is not None and req_id in self.ext_predictions:
+                observe(req_id, self.ext_predictions[req_id], request.num_output_tokens)
+        self.ext_config, self.ext_policy = config, policy
+        self.ext_waiting_keys = {}
+        self.ext_dirty = self.ext_waiting_dirty = True
+        logger.info("vllm-ext PredictiveScheduler: live config %s (policy %s)",
+                    config.live_dict(), policy.name)
+        return self.ext_get_config()
+
+    def ext_get_stats(self) -> dict:
+        return {**self.ext_stats.to_dict(), "policy": self.ext_policy.name,
+                "kv_bits": self.ext_config.kv_bits, "step_cost": self.ext_step_cost.to_dict()}
 
     def _guard(self, fn, *args) -> None:
         try:
@@ -135,6 +203,10 @@ class _PredictiveMixin:
         )
 
     def _apply_policy(self) -> None:
+        if isinstance(self.ext_policy, SrptPolicy) and self.ext_policy.name in ("trail", "spjf"):
+            self.ext_policy.recompute_steps_per_token = (
+                self.ext_step_cost.steps_per_token(len(self.running))
+                if self.ext_config.preemption_cost else 0.0)
         views = {r.request_id: self.view(r) for r in self.running}
         self.running.sort(key=lambda r: self.ext_policy.sort_key(views[r.request_id]))
         if isinstance(self.waiting, FCFSRequestQueue) and self.waiting:
@@ -181,8 +253,11 @@ class _PredictiveMixin:
             return False
         victim = next(r for r in self.running if r.request_id == victim_view.request_id)
         self.running.remove(victim)
-        self._preempt_request(victim, time.monotonic())
-        self.ext_num_policy_preemptions += 1
+        self.ext_preempt_cause = "policy"
+        try:
+            self._preempt_request(victim, time.monotonic())
+        finally:
+            self.ext_preempt_cause = "kv_pressure"
         logger.debug("vllm-ext: %s preempted %s for %s", self.ext_policy.name,
                      victim.request_id, candidate.request_id)
         return True

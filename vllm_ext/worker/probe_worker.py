@@ -15,9 +15,14 @@ its prefill) and
   * keeps the latest values in a `PredictionStore` that the server reads over
     ``collective_rpc("ext_get_predictions")``.
 With no probe loaded every step is the base worker's. A probe that fails to load or to run is
-logged once and disabled; requests go on without predictions.
+logged once and disabled; requests go on without predictions. With ``live_config`` the probes a
+live switch may need are loaded at start (hooks must exist before compilation) and run only
+while the active config reads them (`ExtConfig.needs_probes`); ``ext_apply_config`` changes the
+cadence and that switch between steps, ``ext_stats`` counts probe runs and their time.
 """
 from __future__ import annotations
+
+import time
 
 import torch
 from vllm.logger import init_logger
@@ -63,6 +68,7 @@ class ProbeWorker(_BaseWorker):
         self.ext_awaiting: set[str] = set()  # started, no prediction yet (probe at prefill end)
         self.ext_probes, self.ext_buffers = [], {}
         self.ext_capture = CaptureLog(self.ext_config.capture_layers)
+        self.ext_probe_runs, self.ext_probe_rows, self.ext_probe_seconds = 0, 0, 0.0
         try:
             self._load_probes()
             self._hook_layers({p.layer for p in self.ext_probes} | set(self.ext_capture.layers))
@@ -109,7 +115,7 @@ class ProbeWorker(_BaseWorker):
             try:
                 if self.ext_capture.layers:
                     self._capture()
-                if self.ext_probes:
+                if self.ext_probes and self.ext_config.needs_probes():
                     self.ext_pending = self._run_probes()
             except Exception:
                 logger.exception("vllm-ext: probe failed; disabling probes")
@@ -166,6 +172,7 @@ class ProbeWorker(_BaseWorker):
 
     def _evaluate(self, pending) -> dict[str, dict[str, float]]:
         req_ids, inputs = pending
+        start = time.perf_counter()
         try:
             results: dict[str, dict[str, float]] = {r: {} for r in req_ids}
             for probe in self.ext_probes:
@@ -176,6 +183,9 @@ class ProbeWorker(_BaseWorker):
             logger.exception("vllm-ext: probe failed; disabling probes")
             self.ext_probes = []
             return {}
+        self.ext_probe_runs += 1
+        self.ext_probe_rows += len(req_ids)
+        self.ext_probe_seconds += time.perf_counter() - start
         for req_id, values in results.items():
             self.ext_store.record(req_id, values)
         return results
@@ -202,6 +212,18 @@ class ProbeWorker(_BaseWorker):
                          for layer in {p.layer for p in self.ext_probes}}
 
     # ---- RPC for the server (collective_rpc) -------------------------------------------------
+    def ext_apply_config(self, live: dict) -> dict:
+        """Live settings from the admin route, applied between two steps."""
+        self.ext_config = self.ext_config.with_live_changes(live)
+        return {"probe_every": self.ext_config.probe_every,
+                "probes_running": bool(self.ext_probes) and self.ext_config.needs_probes()}
+
+    def ext_stats(self) -> dict:
+        return {"probe_runs": getattr(self, "ext_probe_runs", 0),
+                "probe_rows": getattr(self, "ext_probe_rows", 0),
+                "probe_seconds": getattr(self, "ext_probe_seconds", 0.0),
+                "probes_loaded": len(getattr(self, "ext_probes", []))}
+
     def ext_get_predictions(self, tag: str | None = None, req_ids: list[str] | None = None):
         store = getattr(self, "ext_store", None)
         return store.query(tag=tag, req_ids=req_ids) if store else {}

@@ -1,0 +1,111 @@
+"""vllm-ext's metrics on vLLM's own ``/metrics`` (its prometheus registry, no second server).
+
+The counters live where the work happens (scheduler: `vllm_ext.sched.stats`; workers: probe
+runs and time, expert load), in other processes than the API server. `refresh` pulls them over
+the engine's RPC paths just before vLLM renders ``/metrics`` (the middleware awaits it), and
+`ExtCollector`, registered once in prometheus_client's ``REGISTRY`` (the one vLLM exposes with
+a single API server), yields them at scrape time:
+
+  vllm_ext_policy_info{policy}                         the active scheduling policy
+  vllm_ext_preemptions_total{cause}                    policy / kv_pressure
+  vllm_ext_probe_runs_total, vllm_ext_probe_seconds_total
+  vllm_ext_prediction_abs_error_tokens (histogram)     |predicted - actual| output at the
+                                                       first prediction, per finished request
+  vllm_ext_expert_load_max_over_mean{layer}            when expert load is tracked
+  vllm_ext_kv_cache_bits                               KV cache bits in use
+With several API servers (``--api-server-count`` > 1) vLLM switches to a multiprocess registry
+that these collected values do not reach; they are then absent from ``/metrics``.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from vllm_ext.engine_rpc import scheduler_call
+
+logger = logging.getLogger(__name__)
+RPC_TIMEOUT_S = 10.0
+
+
+class ExtCollector:
+    def __init__(self) -> None:
+        self.snapshot: dict = {}
+
+    def collect(self):
+        from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                            HistogramMetricFamily, InfoMetricFamily)
+        snap = self.snapshot
+        sched, workers = snap.get("scheduler"), snap.get("workers") or []
+        if sched:
+            yield InfoMetricFamily("vllm_ext_policy", "active vllm-ext scheduling policy",
+                                   value={"policy": sched["policy"]})
+            pre = CounterMetricFamily("vllm_ext_preemptions", "preemptions by cause",
+                                      labels=["cause"])
+            for cause, n in sched["preemptions"].items():
+                pre.add_metric([cause], n)
+            yield pre
+            yield HistogramMetricFamily(
+                "vllm_ext_prediction_abs_error_tokens",
+                "|predicted - actual| output tokens at a request's first prediction",
+                buckets=_cumulative(sched["error_buckets"], sched["error_counts"]),
+                sum_value=sched["error_sum"])
+            yield GaugeMetricFamily("vllm_ext_kv_cache_bits", "KV cache bits in use",
+                                    value=sched["kv_bits"])
+        if workers:
+            yield CounterMetricFamily("vllm_ext_probe_runs", "probe evaluations (steps)",
+                                      value=sum(w["probe_runs"] for w in workers))
+            yield CounterMetricFamily("vllm_ext_probe_seconds", "time spent in probes",
+                                      value=sum(w["probe_seconds"] for w in workers))
+        layers = snap.get("expert_load") or {}
+        if layers:
+            load = GaugeMetricFamily("vllm_ext_expert_load_max_over_mean",
+                                     "expert load max/mean per MoE layer", labels=["layer"])
+            for name, value in layers.items():
+                load.add_metric([name], value)
+            yield load
+
+
+def _cumulative(edges, counts) -> list[tuple[str, float]]:
+    out, total = [], 0
+    for edge, n in zip([*map(str, edges), "+Inf"], counts):
+        total += n
+        out.append((edge, total))
+    return out
+
+
+_collector: ExtCollector | None = None
+
+
+def collector() -> ExtCollector:
+    global _collector
+    if _collector is None:
+        from prometheus_client import REGISTRY
+        _collector = ExtCollector()
+        REGISTRY.register(_collector)
+    return _collector
+
+
+async def refresh(app) -> None:
+    """Pull the engine's counters into the collector; on failure the last snapshot stays."""
+    engine = app.state.engine_client
+    target = collector()
+    try:
+        sched = await asyncio.wait_for(scheduler_call(engine, "ext_get_stats"), RPC_TIMEOUT_S)
+        workers = await asyncio.wait_for(engine.collective_rpc("ext_stats"), RPC_TIMEOUT_S)
+        snap = {"scheduler": sched, "workers": [w for w in workers or [] if w]}
+        config = (engine.vllm_config.additional_config or {}).get("vllm_ext", {})
+        if config.get("moe_track_load") or config.get("moe_router", "topk") != "topk":
+            reports = await asyncio.wait_for(engine.collective_rpc("ext_expert_load"),
+                                             RPC_TIMEOUT_S)
+            snap["expert_load"] = expert_imbalance(reports)
+        target.snapshot = snap
+    except Exception as exc:
+        logger.warning("vllm-ext: /metrics could not refresh engine counters: %s", exc)
+
+
+def expert_imbalance(reports: list) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for report in reports or []:  # one `load_report` per worker
+        for layer in (report or {}).get("layers", []):
+            out[layer["layer"]] = float(layer["max_over_mean"])
+    return out

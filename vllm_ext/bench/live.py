@@ -1,0 +1,46 @@
+"""A benchmark's view of a live vllm-ext server: switch its config, read its counters.
+
+`set_config` calls ``POST /v1/ext/admin/config`` (`vllm_ext.server.admin`); `scrape` reads the
+counters a run is judged on from ``/metrics``: vllm-ext's preemptions by cause and probe runs
+(`vllm_ext.server.metrics`) and vLLM's own ``vllm:num_preemptions_total``. Differences of two
+scrapes are what one block cost.
+"""
+from __future__ import annotations
+
+import httpx
+
+COUNTERS = {  # prometheus sample name (+ label) -> field in a bench summary row
+    ("vllm_ext_preemptions_total", "policy"): "preemptions_policy",
+    ("vllm_ext_preemptions_total", "kv_pressure"): "preemptions_kv_pressure",
+    ("vllm:num_preemptions_total", None): "preemptions_vllm",
+    ("vllm_ext_probe_runs_total", None): "probe_runs",
+    ("vllm_ext_probe_seconds_total", None): "probe_seconds",
+}
+
+
+def set_config(base_url: str, token: str, config: dict, drain: bool = True,
+               reset_prefix_cache: bool = True, timeout_s: float = 600) -> dict:
+    resp = httpx.post(base_url + "/v1/ext/admin/config", timeout=timeout_s,
+                      headers={"Authorization": f"Bearer {token}"},
+                      json={"config": config, "drain": drain,
+                            "reset_prefix_cache": reset_prefix_cache})
+    if resp.status_code != 200:
+        raise RuntimeError(f"admin config failed: HTTP {resp.status_code}: {resp.text[:500]}")
+    return resp.json()
+
+
+def scrape(base_url: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(base_url + "/metrics", timeout=30).text
+    out = dict.fromkeys(COUNTERS.values(), 0.0)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            for (name, cause), field in COUNTERS.items():
+                if sample.name == name and (cause is None or sample.labels.get("cause") == cause):
+                    out[field] += sample.value
+    return out
+
+
+def counter_deltas(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: after[k] - before.get(k, 0.0) for k in after}

@@ -1,0 +1,119 @@
+"""`vllm-ext bench compare --same-server`: one server, configurations switched live, paired blocks.
+
+One server starts with ``--server-args`` and an admin token. Each round draws fresh arrivals
+(a slice of ``--block-requests`` requests of the trace, or the testbed suite with seed
+``--seed + round``) that every configuration of the round runs; configurations run in the order
+of `paired.block_order`. Before each block the server switches to the configuration's live
+settings (`vllm_ext.bench.live.set_config`: drain, switch at a step boundary, reset the prefix
+cache so no block reuses another's KV) and idles ``--idle-gap`` seconds. Counters (preemptions
+by cause, probe runs) are read from ``/metrics`` around every block. The report is
+`paired.ci_table`: means over blocks and paired ratios with bootstrap CIs.
+Only `LIVE_FIELDS` may differ between configurations; anything else (KV bits, MoE router,
+model) needs the one-server-per-config mode.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import shlex
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from vllm_ext.bench import live, paired, report
+
+
+def live_settings(name: str, flags: str) -> dict:
+    """A config's --ext-* flags as live settings; exits naming the flag if one can't switch."""
+    from vllm_ext.cli import ext_arg_parser, ext_config_from_args
+    from vllm_ext.config import LIVE_FIELDS, ExtConfig, ExtConfigError
+
+    parser = ext_arg_parser()
+    ns, rest = parser.parse_known_args(shlex.split(flags))
+    if rest:
+        sys.exit(f"vllm-ext bench compare --same-server: --config {name}: {' '.join(rest)} "
+                 "is not a vllm-ext flag; server flags go in --server-args")
+    try:
+        config = ext_config_from_args(ns)
+    except ExtConfigError as exc:
+        sys.exit(f"vllm-ext bench compare --same-server: --config {name}: {exc}")
+    fixed = {k: v for k, v in config.to_dict().items()
+             if k not in LIVE_FIELDS and k != "live_config" and v != ExtConfig().to_dict()[k]}
+    if fixed:
+        sys.exit(f"vllm-ext bench compare --same-server: --config {name}: "
+                 f"{', '.join(fixed)} cannot switch live; put it in --server-args or run "
+                 "without --same-server (one server per config)")
+    return config.live_dict()
+
+
+def block_requests(args, all_requests, rate: float, rnd: int):
+    """This round's requests at `rate`, arrivals rebased to start at 0."""
+    n = args.block_requests
+    if args.trace:
+        chunk = all_requests[rnd * n:(rnd + 1) * n]
+        if len(chunk) < n:
+            sys.exit(f"vllm-ext bench compare: --trace has {len(all_requests)} requests, "
+                     f"fewer than --blocks x --block-requests = {args.blocks * n}")
+    else:
+        from vllm_ext.bench.workload import testbed_requests
+        chunk = testbed_requests(n, rate, args.seed + rnd, args.arrival, args.cv, args.max_tokens)
+    t0 = chunk[0].arrival_s
+    return [replace(r, arrival_s=r.arrival_s - t0) for r in chunk]
+
+
+def run(args, configs, model: str, requests_at) -> None:
+    from vllm_ext.bench.cli import cpu_per_token_ms, measure_requests
+    from vllm_ext.bench.servers import running_server
+
+    settings = {name: live_settings(name, extra) for name, kind, extra in configs}
+    token = secrets.token_hex(16)
+    out = Path(args.out)
+    rows = []
+    orders = paired.block_order(list(settings), args.blocks, args.seed)
+    with running_server("ext", model, f"{args.server_args} --ext-admin-token {token}",
+                        out / "server.log") as server:
+        for rnd, order in enumerate(orders):
+            for rate in args.rates:
+                reqs = block_requests(args, requests_at(rate), rate, rnd)
+                for name in order:
+                    live.set_config(server.url, token, settings[name])
+                    asyncio.run(asyncio.sleep(args.idle_gap))
+                    before, cpu_before = live.scrape(server.url), server.cpu_seconds()
+                    records, summary = measure_requests(server.url, "bench", args, reqs)
+                    summary.update(cpu_per_token_ms(cpu_before, server.cpu_seconds(), summary))
+                    summary.update(live.counter_deltas(before, live.scrape(server.url)))
+                    rows.append({"config": name, "rate": rate, "round": rnd, **summary})
+                    report.write_records(out / f"{name}@{rate}.b{rnd}.jsonl", records)
+                    print(f"round {rnd} {name} @ {rate}: mean e2e {summary['mean_e2el_ms']:.0f} ms"
+                          f"  p99 {summary['p99_e2el_ms']:.0f} ms  failed {summary['failed']}"
+                          f"  preemptions policy/kv {summary['preemptions_policy']:.0f}/"
+                          f"{summary['preemptions_kv_pressure']:.0f}", flush=True)
+    write_report(args, rows, out)
+
+
+def write_report(args, rows: list[dict], out: Path, unit: str = "round") -> str:
+    table = paired.ci_table(rows, args.baseline, unit=unit)
+    means = report.mean_over_repeats(rows)
+    table += "\n\nmeans over blocks:\n" + report.ratio_table(means, args.baseline)
+    table += "\n\n" + counters_table(means)
+    table += "\n\n" + report.cpu_table(means, args.baseline)
+    print("\n" + table)
+    (out / "compare.txt").write_text(" ".join(sys.argv) + "\n\n" + table + "\n")
+    (out / "compare.json").write_text(json.dumps({"argv": sys.argv, "rows": rows}, indent=2))
+    paired.plot_paired(out / "paired.png", rows, args.baseline, unit=unit)
+    paired.plot_paired(out / "paired-p99.png", rows, args.baseline, metric="p99_e2el_ms",
+                       unit=unit)
+    return table
+
+
+def counters_table(means: list[dict]) -> str:
+    fields = [f for f in live.COUNTERS.values() if any(f in r for r in means)]
+    if not fields:
+        return ""
+    lines = ["counters per block from /metrics (mean):",
+             f"{'config':<14}{'rate':>6}" + "".join(f"{f:>24}" for f in fields)]
+    for r in means:
+        lines.append(f"{r['config']:<14}{r['rate']:>6.2f}"
+                     + "".join(f"{r.get(f, 0):>24.1f}" for f in fields))
+    return "\n".join(lines)
