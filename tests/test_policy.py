@@ -53,8 +53,12 @@ def _adapter(requests):
     from types import SimpleNamespace
 
     from vllm.v1.core.sched.request_queue import FCFSRequestQueue
+    from vllm.v1.request import RequestStatus
 
     from vllm_ext.sched.scheduler import _PredictiveMixin
+    from vllm_ext.config import ExtConfig
+    from vllm_ext.sched.stats import SchedStats
+    from vllm_ext.sched.step_cost import StepCostFit
 
     class _Base:  # the Scheduler methods the mixin calls through super()
         def update_from_output(self, scheduler_output, model_runner_output):
@@ -63,15 +67,26 @@ def _adapter(requests):
         def schedule(self):
             return "scheduled"
 
+        def has_unfinished_requests(self):
+            return bool(self.requests)
+
+        def _free_request(self, request, delay_free_blocks=False):
+            del self.requests[request.request_id]
+            return None, None
+
     class Adapter(_PredictiveMixin, _Base):
         pass
 
     s = object.__new__(Adapter)  # no vLLM engine: set what the mixin's methods read
     s.ext_policy, s.ext_predictions, s.ext_waiting_keys = _CountingOracle(), {}, {}
     s.ext_dirty, s.ext_running_seen = True, ()
+    s.ext_step_cost, s.ext_last_update = StepCostFit(), None
+    s.ext_stats, s.ext_config = SchedStats(), ExtConfig(policy="oracle")
+    s.vllm_config = SimpleNamespace(model_config=None)
     s.requests, s.running, s.waiting = {}, [], FCFSRequestQueue()
     for rid, arrival, true_len in requests:
         r = SimpleNamespace(request_id=rid, arrival_time=arrival, num_prompt_tokens=5,
+                            status=RequestStatus.WAITING, prompt_token_ids=[1, 2, 3],
                             num_output_tokens=0, max_tokens=100, num_preemptions=0,
                             sampling_params=SimpleNamespace(extra_args={"ext_true_output_len": true_len}))
         s.requests[rid] = r
@@ -92,7 +107,7 @@ def test_waiting_keys_are_cached_and_refreshed_when_the_request_changes():
     assert [r.request_id for r in s.waiting] == ["a", "b", "c"] and _CountingOracle.calls == 4
     # a new prediction for "b" drops its key; requests gone from `waiting` leave the cache
     s.waiting.remove(s.requests["c"])
-    s.update_from_output(None, ns(probe_values={"b": {"remaining": 1.0}}))
+    s.update_from_output(ns(total_num_scheduled_tokens=2), ns(probe_values={"b": {"remaining": 1.0}}))
     assert "b" not in s.ext_waiting_keys
     s._sort_waiting()
     assert _CountingOracle.calls == 5 and set(s.ext_waiting_keys) == {"a", "b"}
@@ -105,7 +120,7 @@ def test_policy_is_reapplied_only_after_an_event():
     assert s.schedule() == "scheduled" and len(applied) == 1
     s.schedule()
     assert len(applied) == 1                  # nothing happened: same order, no new preemption
-    s.update_from_output(None, ns(probe_values={"a": {"remaining": 3.0}}))
+    s.update_from_output(ns(total_num_scheduled_tokens=2), ns(probe_values={"a": {"remaining": 3.0}}))
     s.schedule()
     assert len(applied) == 2                  # new predictions
     s.running.append(s.requests["b"])         # admission / finish / preemption
@@ -113,3 +128,40 @@ def test_policy_is_reapplied_only_after_an_event():
     assert len(applied) == 3
     s.schedule()
     assert len(applied) == 3
+
+
+def test_finished_and_aborted_requests_leave_no_state_and_errors_are_counted():
+    from vllm.v1.request import RequestStatus
+
+    s, ns = _adapter([("a", 0, 50), ("b", 1, 20)])
+    step = ns(total_num_scheduled_tokens=2)
+    s.update_from_output(step, ns(probe_values={"a": {"x": 1.0}, "b": {"x": 2.0}}))
+    s._sort_waiting()
+    assert set(s.ext_predictions) == set(s.ext_waiting_keys) == {"a", "b"}
+    a, b = s.requests["a"], s.requests["b"]
+    a.status, a.num_output_tokens = RequestStatus.FINISHED_STOPPED, 47
+    s._free_request(a)
+    b.status = RequestStatus.FINISHED_ABORTED
+    s._free_request(b)
+    assert not s.ext_predictions and not s.ext_waiting_keys and not s.requests
+    stats = s.ext_stats.to_dict()
+    assert sum(stats["error_counts"]) == 1 and stats["error_sum"] == 3  # |50 - 47|; abort not counted
+    # a late step output for a freed request (async scheduling) is not stored
+    s.update_from_output(step, ns(probe_values={"a": {"x": 1.0}}))
+    assert not s.ext_predictions
+
+
+def test_live_switch_rebuilds_the_policy_and_refuses_fixed_settings():
+    import pytest
+
+    from vllm_ext.config import ExtConfigError
+    from vllm_ext.sched.policy import FcfsPolicy
+
+    s, _ = _adapter([("a", 0, 50)])
+    s.ext_dirty = False
+    out = s.ext_apply_config({"policy": "fcfs", "preemption_margin": 7})
+    assert isinstance(s.ext_policy, FcfsPolicy) and out["active_policy"] == "fcfs"
+    assert s.ext_config.preemption_margin == 7 and s.ext_dirty
+    with pytest.raises(ExtConfigError):
+        s.ext_apply_config({"kv_bits": 4})
+    assert s.ext_config.policy == "fcfs"

@@ -1,7 +1,8 @@
 """Server e2e: `vllm-ext serve` on loopback with the embedded model, driven by the openai client.
 
 One server for the module (startup ~30 s on CPU): oracle policy and a dummy probe loaded, so
-`/v1/ext/config` and predictions in responses have something to show.
+`/v1/ext/config` and predictions in responses have something to show, and an admin token, so
+the live config switch and `/metrics` are exercised on the same engine.
 """
 import json
 
@@ -13,6 +14,7 @@ from conftest import make_linear_probe
 
 pytestmark = pytest.mark.e2e
 MODEL = "bench"  # served name set by running_server
+TOKEN = "test-admin-token"
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +24,7 @@ def server(model_path, tmp_path_factory):
     probe_path = tmp_path_factory.mktemp("probe") / "probe.pt"
     make_linear_probe(model_path, 1, probe_path)
     flags = (f"--enforce-eager --max-model-len 512 --ext-policy oracle "
-             f"--ext-probe {probe_path} --ext-probe-every 2")
+             f"--ext-probe {probe_path} --ext-probe-every 2 --ext-admin-token {TOKEN}")
     with running_server("ext", model_path, flags,
                         tmp_path_factory.mktemp("log") / "server.log", timeout_s=300) as running:
         yield running.url

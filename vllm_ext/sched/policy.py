@@ -57,7 +57,7 @@ class Policy:
     ) -> RequestView | None:
         return None
 
-    def first_prediction(self, request_id: str) -> float | None:
+    def first_prediction(self, view: RequestView) -> float | None:
         """The request's first predicted total output length (None: the policy predicts
         none); compared with the actual length at finish for `/metrics`."""
         return None
@@ -108,6 +108,9 @@ class SrptPolicy(Policy):
 
 class OraclePolicy(SrptPolicy):
     name = "oracle"
+
+    def first_prediction(self, view: RequestView) -> float | None:
+        return view.true_output_len
 
     def remaining(self, view: RequestView) -> float:
         return view.true_remaining

@@ -135,7 +135,7 @@ class _PredictiveMixin:
         error, then drop the request's state (nothing per request outlives it)."""
         req_id = request.request_id
         try:
-            predicted = self.ext_policy.first_prediction(req_id)
+            predicted = self.ext_policy.first_prediction(self.view(request))
             if predicted is not None and request.status != RequestStatus.FINISHED_ABORTED:
                 self.ext_stats.observe_error(abs(predicted - request.num_output_tokens))
         except Exception:

@@ -159,11 +159,11 @@ class TrailPolicy(SrptPolicy):
         self.prompt_pred.pop(request_id, None)
         self.trackers.pop(request_id, None)
 
-    def first_prediction(self, request_id: str) -> float | None:
-        tracker = self.trackers.get(request_id)
+    def first_prediction(self, view: RequestView) -> float | None:
+        tracker = self.trackers.get(view.request_id)
         if tracker is not None and tracker.initial is not None:
             return tracker.initial
-        return self.prompt_pred.get(request_id)
+        return self.prompt_pred.get(view.request_id)
 
     def initial(self, view: RequestView) -> float:
         tracker = self.trackers.get(view.request_id)
