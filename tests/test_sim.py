@@ -1,5 +1,7 @@
 """Simulator: invariants (nothing lost, KV never over budget, policies honoured) and M/G/1
 closed forms (tolerances sized for the sample: the committed validation table uses more jobs)."""
+import copy
+
 import numpy as np
 import pytest
 
@@ -143,3 +145,27 @@ def test_recorded_predictions_feed_trail_at_prefill_and_every_k(tmp_path):
     assert pol.remaining(view(9)) == 5.0 - 1               # row 8: the probe now says short
     spjf = RecordedTrailPolicy(bins=bins, recorded=rec, refine=False)
     assert spjf.remaining(view(9)) == 12.0 - 9             # prompt-only, never refined
+
+
+def test_preemptions_counted_by_cause_and_recompute_charged_like_the_engine():
+    from vllm_ext.sim.predicted import NoisyTrailPolicy
+
+    reqs = _requests(150, rate=40.0, seed=2, prompt=(5, 200), out=(5, 200))
+    counts = {}
+    for charged in (False, True):
+        cfg = ReplicaConfig(max_num_seqs=2, max_num_batched_tokens=512, preemption_cost=charged,
+                            cost=StepCost(0.002, 2e-3, 0.0))  # a recomputed token = 1/3 step
+        rep = Replica(cfg, NoisyTrailPolicy(sigma_initial=0.0, sigma_refined=0.0))
+        pending = [copy.copy(r) for r in reqs]
+        while pending or rep.busy():
+            if pending and (not rep.busy() or pending[0].arrival_s <= rep.now):
+                rep.now = max(rep.now, pending[0].arrival_s)
+                rep.add(pending.pop(0))
+            else:
+                rep.step()
+        assert len(rep.finished) == len(reqs)
+        assert rep.preemptions["kv_pressure"] == 0  # unlimited KV: only the policy preempts
+        assert rep.preemptions["policy"] == sum(r.preemptions for r in rep.finished)
+        assert latency_stats(rep.finished)["preemptions"] == rep.preemptions["policy"]
+        counts[charged] = rep.preemptions["policy"]
+    assert 0 < counts[True] < counts[False]  # charging the recompute refuses some preemptions

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 TRUE_LEN_KEY = "ext_true_output_len"
 
@@ -76,6 +76,7 @@ class SrptPolicy(Policy):
     # cost-aware preemption: decode steps one recomputed victim token costs, kept current by
     # the engine (`vllm_ext.sched.step_cost`); 0 = margin-only rule
     recompute_steps_per_token: float = 0.0
+    charges_recompute: ClassVar[bool] = False  # TRAIL/SPJF: the engine keeps the cost current
     name = "srpt"
     reorders = True
 

@@ -37,8 +37,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
 from vllm_ext.config import ExtConfig
-from vllm_ext.sched.policy import (TRUE_LEN_KEY, FcfsPolicy, Policy, RequestView, SrptPolicy,
-                                   make_policy)
+from vllm_ext.sched.policy import TRUE_LEN_KEY, FcfsPolicy, Policy, RequestView, make_policy
 from vllm_ext.sched.stats import SchedStats
 from vllm_ext.sched.step_cost import StepCostFit
 
@@ -203,7 +202,7 @@ class _PredictiveMixin:
         )
 
     def _apply_policy(self) -> None:
-        if isinstance(self.ext_policy, SrptPolicy) and self.ext_policy.name in ("trail", "spjf"):
+        if getattr(self.ext_policy, "charges_recompute", False):
             self.ext_policy.recompute_steps_per_token = (
                 self.ext_step_cost.steps_per_token(len(self.running))
                 if self.ext_config.preemption_cost else 0.0)

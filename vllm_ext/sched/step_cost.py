@@ -59,6 +59,3 @@ class StepCostFit:
             return 0.0
         return self.per_token_s / (self.base_s + self.per_token_s * max(1, batch))
 
-    def to_dict(self) -> dict:
-        return {"samples": len(self.samples), "base_s": self.base_s,
-                "per_token_s": self.per_token_s}

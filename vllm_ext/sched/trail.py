@@ -134,6 +134,7 @@ class TrailPolicy(SrptPolicy):
     preempt_fraction: float = 0.8      # c: preemptible while generated <= c * initial
     smoothing: bool = True
     refine: bool = True                # False = spjf (prompt-only, no refinement)
+    charges_recompute = True           # cost-aware preemption (vllm_ext.sched.step_cost)
     prompt_pred: dict[str, float] = field(default_factory=dict)
     trackers: dict[str, RemainingTracker] = field(default_factory=dict)
 

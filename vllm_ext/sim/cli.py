@@ -114,7 +114,12 @@ def cmd_replay(args) -> None:
     recorded = RecordedPredictions.load(args.predictions) if args.predictions else None
     data = json.loads((Path(args.compare) / "compare.json").read_text())
     print(f"{'config':<10}{'rate':>6}{'runs':>5}{'measured (s)':>14}{'simulated (s)':>15}"
-          f"{'sim/meas':>10}")
+          f"{'sim/meas':>10}{'preempt live':>14}{'preempt sim':>13}")
+    live = {}  # (config, rate) -> preemptions per run, from /metrics (bench compare rows)
+    for row in data["rows"]:
+        if "preemptions_policy" in row:
+            live.setdefault((row["config"], row["rate"]), []).append(
+                row["preemptions_policy"] + row["preemptions_kv_pressure"])
     seen = set()
     for row in data["rows"]:
         if (row["config"], row["rate"]) in seen:
@@ -128,9 +133,9 @@ def cmd_replay(args) -> None:
         policy = args.policy_of.get(row["config"], row["config"])
         factory = _policy(policy, args.max_preemptions, (args.sigma_initial, args.sigma_refined),
                           recorded, margin=args.margin, every=args.probe_every)
-        paths = sorted(Path(args.compare).glob(f"{row['config']}@{row['rate']}.r*.jsonl"))
-        meas, sim = [], []
-        for path in paths:  # one file per repeat: same arrivals, measured separately
+        paths = sorted(Path(args.compare).glob(f"{row['config']}@{row['rate']}.[rb]*.jsonl"))
+        meas, sim, sim_pre = [], [], []
+        for path in paths:  # one file per repeat or block: its arrivals, measured separately
             recs = [json.loads(line) for line in path.read_text().splitlines()]
             recs = [r for r in recs if r["error"] is None][args.warmup:]
             if recorded is not None:
@@ -138,11 +143,15 @@ def cmd_replay(args) -> None:
             reqs = [SimRequest(str(r["index"]), r["arrival_s"] + overhead, r["prompt_tokens"],
                                max(1, r["output_tokens"]), max(1, r["output_tokens"]))
                     for r in recs]
-            sim.append(latency_stats(simulate(reqs, cfg, factory))["mean_e2el_s"] + overhead)
+            stats = latency_stats(simulate(reqs, cfg, factory))
+            sim.append(stats["mean_e2el_s"] + overhead)
+            sim_pre.append(stats["preemptions"])
             meas.append(float(np.mean([r["e2el_s"] for r in recs])))
         m, s_ = float(np.mean(meas)), float(np.mean(sim))
+        counted = live.get((row["config"], row["rate"]))
+        live_pre = f"{np.mean(counted):.1f}" if counted else "-"
         print(f"{row['config']:<10}{row['rate']:>6.2f}{len(paths):>5}{m:>14.3f}{s_:>15.3f}"
-              f"{s_ / m:>10.3f}")
+              f"{s_ / m:>10.3f}{live_pre:>14}{np.mean(sim_pre):>13.1f}")
 
 
 def _check_recorded(recorded: RecordedPredictions, recs: list[dict], path: Path) -> None:

@@ -55,4 +55,5 @@ def latency_stats(done: list[SimRequest]) -> dict:
     ttft = np.array([r.first_token_s - r.arrival_s for r in done])
     return {"mean_e2el_s": float(e2e.mean()), "median_e2el_s": float(np.median(e2e)),
             "p99_e2el_s": float(np.percentile(e2e, 99)), "mean_ttft_s": float(ttft.mean()),
-            "p99_ttft_s": float(np.percentile(ttft, 99)), "n": len(done)}
+            "p99_ttft_s": float(np.percentile(ttft, 99)), "n": len(done),
+            "preemptions": int(sum(r.preemptions for r in done))}

@@ -9,7 +9,10 @@ Each step mirrors vLLM V1's scheduler loop closely enough for latency studies:
     models preempt-resume for closed-form queueing checks);
   * waiting requests are admitted (in order) only if nothing was preempted this step, while
     slots, token budget and KV blocks last;
-  * step time comes from a `StepCost` calibrated on the live engine.
+  * step time comes from a `StepCost` calibrated on the live engine; trail/spjf charge a
+    victim's recompute against a preemption at that cost, as the engine does
+    (`vllm_ext.sched.step_cost`, `preemption_cost`);
+  * preemptions are counted by cause (policy / kv_pressure), as the engine's ``/metrics``.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import math
 from dataclasses import dataclass, field
 
 from vllm_ext.sched.policy import Policy, RequestView
+from vllm_ext.sched.stats import PREEMPTION_CAUSES
 
 
 @dataclass
@@ -29,6 +33,10 @@ class StepCost:
     def step_time(self, tokens: int, seqs: int) -> float:
         return self.base_s + self.per_token_s * tokens + self.per_seq_s * seqs
 
+    def steps_per_token(self, batch: int) -> float:
+        """Decode steps of `batch` requests that one recomputed token costs."""
+        return self.per_token_s / self.step_time(max(1, batch), max(1, batch))
+
 
 @dataclass
 class ReplicaConfig:
@@ -38,6 +46,7 @@ class ReplicaConfig:
     block_size: int = 16
     max_preemptions_per_step: int = 1
     recompute_on_preempt: bool = True
+    preemption_cost: bool = True  # the engine's --ext-no-preemption-cost turns it off
     cost: StepCost = field(default_factory=StepCost)
 
 
@@ -73,6 +82,7 @@ class Replica:
         self.running: list[SimRequest] = []
         self.finished: list[SimRequest] = []
         self.max_blocks_used = 0
+        self.preemptions = dict.fromkeys(PREEMPTION_CAUSES, 0)
 
     # ---- accounting -------------------------------------------------------------------------
     def blocks(self, r: SimRequest, extra_tokens: int = 0) -> int:
@@ -91,8 +101,9 @@ class Replica:
     def _key(self, r: SimRequest):
         return self.policy.sort_key(r.view())
 
-    def _preempt(self, r: SimRequest) -> None:
+    def _preempt(self, r: SimRequest, cause: str = "kv_pressure") -> None:
         self.running.remove(r)
+        self.preemptions[cause] += 1
         r.preemptions += 1
         if self.config.recompute_on_preempt:
             r.computed = 0
@@ -103,6 +114,10 @@ class Replica:
             return
         self.running.sort(key=self._key)
         self.waiting.sort(key=self._key)
+        if getattr(self.policy, "charges_recompute", False):
+            self.policy.recompute_steps_per_token = (
+                self.config.cost.steps_per_token(len(self.running))
+                if self.config.preemption_cost else 0.0)
         for _ in range(self.config.max_preemptions_per_step):
             if not self.waiting or self._fits(self.waiting[0]):
                 return
@@ -110,7 +125,8 @@ class Replica:
                                                [r.view() for r in self.running])
             if victim is None:
                 return
-            self._preempt(next(r for r in self.running if r.request_id == victim.request_id))
+            self._preempt(next(r for r in self.running if r.request_id == victim.request_id),
+                          "policy")
             self.waiting.sort(key=self._key)
 
     def _fits(self, r: SimRequest) -> bool:

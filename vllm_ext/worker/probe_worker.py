@@ -59,6 +59,7 @@ def decoder_layers(model: torch.nn.Module):
 
 class ProbeWorker(_BaseWorker):
     ext_probes: list[Probe] = []
+    ext_probe_runs, ext_probe_rows, ext_probe_seconds = 0, 0, 0.0  # counters for /metrics
 
     def load_model(self, *args, **kwargs) -> None:
         super().load_model(*args, **kwargs)
@@ -68,7 +69,6 @@ class ProbeWorker(_BaseWorker):
         self.ext_awaiting: set[str] = set()  # started, no prediction yet (probe at prefill end)
         self.ext_probes, self.ext_buffers = [], {}
         self.ext_capture = CaptureLog(self.ext_config.capture_layers)
-        self.ext_probe_runs, self.ext_probe_rows, self.ext_probe_seconds = 0, 0, 0.0
         try:
             self._load_probes()
             self._hook_layers({p.layer for p in self.ext_probes} | set(self.ext_capture.layers))
@@ -219,10 +219,8 @@ class ProbeWorker(_BaseWorker):
                 "probes_running": bool(self.ext_probes) and self.ext_config.needs_probes()}
 
     def ext_stats(self) -> dict:
-        return {"probe_runs": getattr(self, "ext_probe_runs", 0),
-                "probe_rows": getattr(self, "ext_probe_rows", 0),
-                "probe_seconds": getattr(self, "ext_probe_seconds", 0.0),
-                "probes_loaded": len(getattr(self, "ext_probes", []))}
+        return {"probe_runs": self.ext_probe_runs, "probe_rows": self.ext_probe_rows,
+                "probe_seconds": self.ext_probe_seconds, "probes_loaded": len(self.ext_probes)}
 
     def ext_get_predictions(self, tag: str | None = None, req_ids: list[str] | None = None):
         store = getattr(self, "ext_store", None)
