@@ -34,6 +34,8 @@ def run(spec: dict) -> dict:
     kwargs.update(spec.get("llm_kwargs", {}))
     llm = LLM(**kwargs)
     engine = llm.llm_engine
+    sched = engine.engine_core.engine_core.scheduler  # in-process (no V1 multiprocessing)
+    free_before = sched.kv_cache_manager.block_pool.get_num_free_blocks()
     pending = sorted(spec["requests"], key=lambda r: r.get("after_step", 0))
     result = {"finish_order": [], "token_ids": {}, "texts": {}, "finish_step": {},
               "scheduler_predictions": {}}
@@ -52,7 +54,6 @@ def run(spec: dict) -> dict:
                 result["token_ids"][out.request_id] = list(out.outputs[0].token_ids)
                 result["texts"][out.request_id] = out.outputs[0].text
         if spec.get("inspect_scheduler"):
-            sched = engine.engine_core.engine_core.scheduler
             for req_id, values in sched.ext_predictions.items():
                 result["scheduler_predictions"].setdefault(req_id, []).append(values)
         step += 1
@@ -62,6 +63,15 @@ def run(spec: dict) -> dict:
     }
     result["rpc"] = {method: engine.collective_rpc(method, kwargs=kw)[0]
                      for method, kw in spec.get("rpc", [])}
+    # KV blocks back to where they were; the ext scheduler's counters and per-request state
+    result["free_blocks"] = [free_before, sched.kv_cache_manager.block_pool.get_num_free_blocks()]
+    if hasattr(sched, "ext_get_stats"):
+        result["ext_stats"] = sched.ext_get_stats()
+        policy = sched.ext_policy
+        result["ext_state_sizes"] = {
+            "predictions": len(sched.ext_predictions), "waiting_keys": len(sched.ext_waiting_keys),
+            **{name: len(getattr(policy, name)) for name in ("prompt_pred", "trackers")
+               if hasattr(policy, name)}}
     # the engine's KV capacity (as in its "KV cache size: N tokens" log line)
     result["kv_cache_size_tokens"] = getattr(engine.vllm_config.cache_config,
                                              "kv_cache_size_tokens", None)

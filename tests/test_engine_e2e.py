@@ -38,6 +38,12 @@ def test_fcfs_matches_stock_vllm(model_path):
     assert ours["finish_order"] == stock["finish_order"]
     assert ours["token_ids"] == stock["token_ids"]
     assert ours["finish_step"] == stock["finish_step"]
+    # the KV-block pressure is real: vLLM preempted (counted by our scheduler, /metrics' source)
+    assert ours["ext_stats"]["preemptions"]["kv_pressure"] >= 1
+    assert ours["ext_stats"]["preemptions"]["policy"] == 0
+    for result in (stock, ours):  # every block back in the pool
+        assert result["free_blocks"][0] == result["free_blocks"][1]
+    assert not any(ours["ext_state_sizes"].values())
 
 
 def test_oracle_finishes_short_requests_first(model_path):

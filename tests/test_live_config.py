@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from vllm_ext.bench import paired
+from vllm_ext.compat import changed_targets
 from vllm_ext.config import LIVE_FIELDS, ExtConfig, ExtConfigError
 from vllm_ext.sched.policy import OraclePolicy, RequestView
 from vllm_ext.sched.stats import ERROR_BUCKETS, SchedStats
@@ -154,6 +155,7 @@ def test_engine_rpc_patch_targets_vllms_utility_dispatch():
 
     source = inspect.getsource(EngineCoreProc._handle_client_request)
     assert "getattr(self, method_name)" in source
+    assert not changed_targets(engine_rpc.VLLM_TARGETS), changed_targets(engine_rpc.VLLM_TARGETS)
     engine_rpc.install()
     assert EngineCore.ext_scheduler_call is engine_rpc.ext_scheduler_call
 
@@ -163,3 +165,12 @@ def test_engine_rpc_patch_targets_vllms_utility_dispatch():
     for bad in ("schedule", "ext_missing"):
         with pytest.raises(ValueError):
             engine_rpc.ext_scheduler_call(Core(), bad, [])
+
+
+def test_scheduler_private_vllm_calls_are_unchanged():
+    from vllm_ext.sched.scheduler import VLLM_TARGETS
+
+    changed = changed_targets(VLLM_TARGETS)
+    assert not changed, ("vLLM changed Scheduler methods PredictiveScheduler calls or "
+                         "overrides; re-read them, then re-record VLLM_TARGETS:\n"
+                         + "\n".join(changed))

@@ -53,11 +53,10 @@ class ExtConfig:
     live_config: bool = False
     # Prediction channel (ProbeWorker)
     probe_paths: tuple[str, ...] = ()
-    probe_layer: int | None = None
     probe_every: int = 8
     probe_history: bool = False
     capture_layers: tuple[int, ...] = ()
-    # Placeholders for the capability issues (validated, so typos fail early)
+    # MoE routing (vllm_ext/moe)
     moe_router: str = "topk"
     # LASER load-aware MoE routing (vllm_ext/moe, docs/laser.md)
     laser_eps_high: float = 0.9        # peaked (plain top-k) when top-k mass >= this
@@ -71,7 +70,6 @@ class ExtConfig:
     moe_ep_devices: int = 4            # load stats: experts mapped to this many EP devices
     kv_bits: int = 16
     kv_partition: int = 64
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         _check_choice("policy", self.policy, POLICIES)
@@ -84,14 +82,12 @@ class ExtConfig:
         _check_range("max_preemptions_per_step", self.max_preemptions_per_step, 0)
         _check_range("probe_every", self.probe_every, 1)
         _check_range("trail_preempt_fraction", self.trail_preempt_fraction, 0.0)
-        if self.probe_layer is not None:
-            _check_range("probe_layer", self.probe_layer, 0)
 
     # ---- (de)serialisation -------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "ExtConfig":
         data = dict(data or {})
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
             raise ExtConfigError(
@@ -114,7 +110,6 @@ class ExtConfig:
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        out.pop("extra")
         out["probe_paths"] = list(self.probe_paths)
         out["capture_layers"] = list(self.capture_layers)
         return out

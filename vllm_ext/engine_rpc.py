@@ -7,14 +7,19 @@ loop, i.e. between two steps) and the workers through ``collective_rpc``. No uti
 custom scheduler's own methods, and vLLM has no hook to register one, so `install()` adds
 ``EngineCore.ext_scheduler_call(method, args)``: it calls ``scheduler.<method>(*args)`` for a
 method whose name starts with ``ext_`` and refuses any other. It adds a method and replaces
-none; `tests/test_engine_rpc.py` fails loudly if vLLM's dispatch stops resolving utilities by
-name or starts defining the name itself.
+none; `VLLM_TARGETS` records the dispatch it relies on (`vllm_ext.compat.fingerprint`) and
+tests/test_live_config.py fails loudly if that changes or vLLM starts defining the name itself.
 """
 from __future__ import annotations
 
 from typing import Any
 
 METHOD = "ext_scheduler_call"
+VLLM_TARGETS: dict[str, tuple[str, str]] = {
+    "vllm.v1.engine.core:EngineCoreProc._handle_client_request": (
+        "(self, request_type: vllm.v1.engine.EngineCoreRequestType, request: Any) -> None",
+        "6870d40b73da5b70"),
+}
 
 
 def ext_scheduler_call(self, method: str, args: list | tuple = ()) -> Any:

@@ -139,6 +139,21 @@ def cmd_compare(args) -> None:
     report.plot_sweep(out / "sweep.png", rows)
 
 
+def cmd_report(args) -> None:
+    """The paired CI table of a finished compare run, against any of its configs."""
+    from vllm_ext.bench.paired import ci_table
+
+    path = Path(args.run) / "compare.json" if Path(args.run).is_dir() else Path(args.run)
+    try:
+        rows = json.loads(path.read_text())["rows"]
+    except (OSError, ValueError, KeyError) as exc:
+        sys.exit(f"vllm-ext bench report: {path}: not a compare.json ({exc})")
+    unit = "round" if "round" in rows[0] else "repeat"
+    if args.baseline not in {r["config"] for r in rows}:
+        sys.exit(f"vllm-ext bench report: --baseline {args.baseline!r} is not a config of {path}")
+    print(ci_table(rows, args.baseline, unit=unit))
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="vllm-ext bench")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -166,8 +181,11 @@ def main(argv: list[str]) -> None:
     c.add_argument("--idle-gap", type=float, default=2.0,
                    help="--same-server: seconds of idle between blocks (after the drain)")
     _workload_args(c)
+    r = sub.add_parser("report", help="paired CI table of a finished compare run")
+    r.add_argument("run", help="a compare --out folder or its compare.json")
+    r.add_argument("--baseline", required=True)
     args = parser.parse_args(argv)
     for name in ("rate", "num_requests", "max_tokens", "blocks", "block_requests", "repeats"):
         if getattr(args, name, 1) is not None and getattr(args, name, 1) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be > 0")
-    {"serve": cmd_serve, "compare": cmd_compare}[args.command](args)
+    {"serve": cmd_serve, "compare": cmd_compare, "report": cmd_report}[args.command](args)

@@ -65,7 +65,8 @@ def parse_trace(path: str | Path) -> list[BenchRequest]:
             if true_len is not None and (not isinstance(true_len, int) or true_len < 0):
                 raise TraceError(f"true_output_len must be an integer >= 0, got {true_len!r}")
         except (json.JSONDecodeError, KeyError, TraceError) as exc:
-            what = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
+            what = (f"missing field {exc}" if isinstance(exc, KeyError) else
+                    f"not valid JSON ({exc})" if isinstance(exc, json.JSONDecodeError) else str(exc))
             raise TraceError(f"{path}:{lineno}: {what}") from None
         meta = {k: v for k, v in row.items()
                 if k not in ("arrival_s", "prompt", "max_tokens", "true_output_len")}

@@ -26,15 +26,13 @@ and tests/test_laser.py fails loudly on any change: re-read that vLLM code, then
 from __future__ import annotations
 
 import functools
-import hashlib
-import importlib
-import inspect
 import sys
-import textwrap
 from typing import Any
 
+from vllm_ext.compat import ORIGINAL_ATTR, changed_targets
+
 RUNNER_MODULE = "vllm.model_executor.layers.fused_moe.runner.moe_runner"
-_ORIGINAL = "__vllm_ext_original__"
+_ORIGINAL = ORIGINAL_ATTR
 _ROUTER = "vllm.model_executor.layers.fused_moe.router."
 TARGETS: dict[str, tuple[str, str]] = {  # "module:qualname" -> (signature, sha256[:16] of source)
     RUNNER_MODULE + ":MoERunner.__init__": (
@@ -146,24 +144,6 @@ def _after_moe_layer_built(runner: Any) -> None:
 
 # ---- the recorded vLLM targets -------------------------------------------------------------
 
-def fingerprint(target: str) -> tuple[str, str]:
-    """(signature, sha256[:16] of the dedented source) of ``"module:Qual.name"``, unwrapped."""
-    module_name, qualname = target.split(":")
-    obj: Any = importlib.import_module(module_name)
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    obj = getattr(obj, _ORIGINAL, obj)
-    source = textwrap.dedent(inspect.getsource(obj))
-    return str(inspect.signature(obj)), hashlib.sha256(source.encode()).hexdigest()[:16]
-
-
 def check_targets() -> list[str]:
     """Human-readable differences between `TARGETS` and the installed vLLM (empty = unchanged)."""
-    changed = []
-    for target, (signature, digest) in TARGETS.items():
-        now_sig, now_digest = fingerprint(target)
-        if now_sig != signature:
-            changed.append(f"{target}: signature is now {now_sig}, recorded {signature}")
-        if now_digest != digest:
-            changed.append(f"{target}: source hash is now {now_digest}, recorded {digest}")
-    return changed
+    return changed_targets(TARGETS)

@@ -36,12 +36,27 @@ from vllm.v1.core.sched.request_queue import FCFSRequestQueue
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
+from vllm_ext.compat import changed_targets
 from vllm_ext.config import ExtConfig
 from vllm_ext.sched.policy import TRUE_LEN_KEY, FcfsPolicy, Policy, RequestView, make_policy
 from vllm_ext.sched.stats import SchedStats
 from vllm_ext.sched.step_cost import StepCostFit
 
 logger = init_logger(__name__)
+
+_SCHED = "vllm.v1.core.sched.scheduler:Scheduler."
+# the private Scheduler methods this module calls or overrides (vllm_ext.compat.fingerprint);
+# tests/test_live_config.py fails if vLLM changes them: re-read, then re-record
+VLLM_TARGETS: dict[str, tuple[str, str]] = {
+    _SCHED + "_preempt_request": (
+        "(self, request: vllm.v1.request.Request, timestamp: float, drop_stale_output: bool = "
+        "False) -> None", "979be013f1f2b30c"),
+    _SCHED + "_free_request": (
+        "(self, request: vllm.v1.request.Request, delay_free_blocks: bool = False) -> "
+        "tuple[dict[str, typing.Any] | None, dict[str, typing.Any] | None]", "024636560a9c7436"),
+    _SCHED + "_request_blocks_can_be_freed": (
+        "(self, request: vllm.v1.request.Request) -> bool", "9e0d143c4da5adfa"),
+}
 
 
 class _PredictiveMixin:
@@ -67,6 +82,11 @@ class _PredictiveMixin:
         if self.ext_policy.reorders and not isinstance(self.waiting, FCFSRequestQueue):
             logger.warning("vllm-ext: waiting queue is not FCFS (--scheduling-policy priority); "
                            "policy %s orders running requests only", self.ext_policy.name)
+        changed = changed_targets(VLLM_TARGETS)
+        if changed:  # a warning, not a failure: a GPU 0.32.x patch release may be benign
+            logger.warning("vllm-ext: vLLM Scheduler methods this scheduler relies on changed "
+                           "since they were checked (vllm_ext.sched.scheduler.VLLM_TARGETS): %s",
+                           "; ".join(changed))
         logger.info("vllm-ext PredictiveScheduler: policy=%s", self.ext_policy.name)
 
     # ---- vLLM hooks ------------------------------------------------------------------------
