@@ -85,11 +85,16 @@ async def active_config(app) -> dict:
         return startup_config(app).to_dict()
 
 
+def config_fields(active: dict) -> dict:
+    """The ExtConfig fields of `active_config`'s answer (without the scheduler's status)."""
+    return {k: v for k, v in active.items() if k not in ("active_policy", "fallback")}
+
+
 async def apply(app, raw: bytes) -> dict:
     engine = app.state.engine_client
     async with _lock:
         current = ExtConfig.from_dict(
-            {k: v for k, v in (await active_config(app)).items() if k != "active_policy"})
+            config_fields(await active_config(app)))
         new, options = parse_request(raw, current)
         live = new.live_dict()
         paused = False

@@ -8,11 +8,14 @@ a single API server), yields them at scrape time:
 
   vllm_ext_policy_info{policy}                         the active scheduling policy
   vllm_ext_preemptions_total{cause}                    policy / kv_pressure
+  vllm_ext_policy_fallbacks_total                      failed policies replaced by FCFS
   vllm_ext_probe_runs_total, vllm_ext_probe_seconds_total
   vllm_ext_prediction_abs_error_tokens (histogram)     |predicted - actual| output at the
                                                        first prediction, per finished request
   vllm_ext_expert_load_max_over_mean{layer}            when expert load is tracked
   vllm_ext_kv_cache_bits                               KV cache bits in use
+  vllm_ext_step_cost_seconds{term}                     base / per_token step cost fitted online
+                                                       (cost-aware preemption), once calibrated
 With several API servers (``--api-server-count`` > 1) vLLM switches to a multiprocess registry
 that these collected values do not reach; they are then absent from ``/metrics``.
 """
@@ -44,6 +47,8 @@ class ExtCollector:
             for cause, n in sched["preemptions"].items():
                 pre.add_metric([cause], n)
             yield pre
+            yield CounterMetricFamily("vllm_ext_policy_fallbacks", "policies that failed and "
+                                      "were replaced by FCFS", value=sched["policy_fallbacks"])
             yield HistogramMetricFamily(
                 "vllm_ext_prediction_abs_error_tokens",
                 "|predicted - actual| output tokens at a request's first prediction",
@@ -51,6 +56,14 @@ class ExtCollector:
                 sum_value=sched["error_sum"])
             yield GaugeMetricFamily("vllm_ext_kv_cache_bits", "KV cache bits in use",
                                     value=sched["kv_bits"])
+            cost = sched.get("step_cost") or {}
+            if cost.get("base_s") is not None:
+                fit = GaugeMetricFamily("vllm_ext_step_cost_seconds", "engine step cost fitted "
+                                        "online: base + per_token x scheduled tokens",
+                                        labels=["term"])
+                fit.add_metric(["base"], cost["base_s"])
+                fit.add_metric(["per_token"], cost["per_token_s"])
+                yield fit
         if workers:
             yield CounterMetricFamily("vllm_ext_probe_runs", "probe evaluations (steps)",
                                       value=sum(w["probe_runs"] for w in workers))

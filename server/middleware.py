@@ -198,8 +198,9 @@ async def ext_config_payload(app) -> dict:
         "model": vconf.model_config.model,
         "scheduler_cls": str(vconf.scheduler_config.scheduler_cls),
         "worker_cls": vconf.parallel_config.worker_cls,
-        "config": {k: v for k, v in active.items() if k != "active_policy"},
+        "config": admin.config_fields(active),
         "active_policy": active.get("active_policy", active.get("policy")),
+        "policy_fallback": active.get("fallback"),
         "startup_config": admin.startup_config(app).to_dict(),
         "admin": bool(os.environ.get(admin.TOKEN_ENV)),
     }

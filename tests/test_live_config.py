@@ -174,3 +174,39 @@ def test_scheduler_private_vllm_calls_are_unchanged():
     assert not changed, ("vLLM changed Scheduler methods PredictiveScheduler calls or "
                          "overrides; re-read them, then re-record VLLM_TARGETS:\n"
                          + "\n".join(changed))
+
+
+def test_collector_renders_prometheus_families_with_types():
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from vllm_ext.server.metrics import ExtCollector
+
+    collector = ExtCollector()
+    registry = CollectorRegistry()
+    registry.register(collector)
+    assert generate_latest(registry) == b""  # nothing before the first refresh
+    stats = SchedStats()
+    stats.count_preemption("kv_pressure")
+    for err in (3, 20, 700):
+        stats.observe_error(err)
+    collector.snapshot = {
+        "scheduler": {**stats.to_dict(), "policy": "trail", "kv_bits": 4,
+                      "step_cost": {"base_s": 0.008, "per_token_s": 6e-6}},
+        "workers": [{"probe_runs": 3, "probe_seconds": 0.1}, {"probe_runs": 2, "probe_seconds": 0.2}],
+        "expert_load": {"model.layers.0": 2.5}}
+    fams = {f.name: f for f in text_string_to_metric_families(generate_latest(registry).decode())}
+    assert fams["vllm_ext_preemptions"].type == "counter"
+    assert {s.labels["cause"]: s.value for s in fams["vllm_ext_preemptions"].samples
+            if s.name.endswith("_total")} == {"policy": 0, "kv_pressure": 1}
+    hist = {(s.name, s.labels.get("le")): s.value
+            for s in fams["vllm_ext_prediction_abs_error_tokens"].samples}
+    assert hist[("vllm_ext_prediction_abs_error_tokens_bucket", "4.0")] == 1
+    assert hist[("vllm_ext_prediction_abs_error_tokens_bucket", "32.0")] == 2
+    assert hist[("vllm_ext_prediction_abs_error_tokens_bucket", "+Inf")] == 3
+    assert hist[("vllm_ext_prediction_abs_error_tokens_sum", None)] == 723
+    assert fams["vllm_ext_probe_runs"].samples[0].value == 5  # summed over workers
+    assert fams["vllm_ext_kv_cache_bits"].samples[0].value == 4
+    assert {s.labels["term"] for s in fams["vllm_ext_step_cost_seconds"].samples} == {
+        "base", "per_token"}
+    assert fams["vllm_ext_expert_load_max_over_mean"].samples[0].value == 2.5

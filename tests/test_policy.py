@@ -70,6 +70,9 @@ def _adapter(requests):
         def has_unfinished_requests(self):
             return bool(self.requests)
 
+        def add_request(self, request):
+            pass
+
         def _free_request(self, request, delay_free_blocks=False):
             del self.requests[request.request_id]
             return None, None
@@ -165,3 +168,47 @@ def test_live_switch_rebuilds_the_policy_and_refuses_fixed_settings():
     with pytest.raises(ExtConfigError):
         s.ext_apply_config({"kv_bits": 4})
     assert s.ext_config.policy == "fcfs"
+
+
+class _Broken(OraclePolicy):
+    def __init__(self, where):
+        super().__init__()
+        self.where = where
+
+    def _maybe_fail(self, where):
+        if self.where == where:
+            raise RuntimeError(f"boom in {where}")
+
+    def sort_key(self, v):
+        self._maybe_fail("sort_key")
+        return super().sort_key(v)
+
+    def observe(self, request_id, values, generated):
+        self._maybe_fail("observe")
+
+    def on_arrival(self, request_id, prompt_ids):
+        self._maybe_fail("on_arrival")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("where", ["sort_key", "observe", "on_arrival"])
+def test_a_failing_policy_falls_back_to_fcfs_counted_and_named(where):
+    from vllm_ext.sched.policy import FcfsPolicy
+
+    s, ns = _adapter([("a", 0, 50), ("b", 1, 20), ("c", 2, 30)])
+    s.ext_policy = _Broken(where)
+    s.waiting.rotate(1)  # not in arrival order (as a policy would leave it)
+    if where == "on_arrival":
+        s.add_request(ns(request_id="d", prompt_token_ids=[1]))
+    elif where == "observe":
+        s.update_from_output(ns(total_num_scheduled_tokens=2), ns(probe_values={"a": {"x": 1.0}}))
+    else:
+        s.schedule()
+    assert isinstance(s.ext_policy, FcfsPolicy)
+    named = {"sort_key": "ordering"}.get(where, where)
+    assert s.ext_stats.policy_fallbacks == 1 and named in s.ext_stats.fallback_reason
+    assert s.ext_get_config()["fallback"] == s.ext_stats.fallback_reason
+    assert [r.request_id for r in s.waiting][:3] == ["a", "b", "c"]  # arrival order again
+    assert s.schedule() == "scheduled"  # and the engine keeps scheduling

@@ -111,9 +111,7 @@ class _PredictiveMixin:
             try:
                 self._apply_policy()
             except Exception:
-                logger.exception("vllm-ext: policy %s failed; falling back to FCFS",
-                                 self.ext_policy.name)
-                self.ext_policy = FcfsPolicy()
+                self._fall_back("ordering")
             self.ext_dirty = False
         output = super().schedule(*args, **kwargs)
         self.ext_running_seen = self._running_ids()
@@ -172,7 +170,8 @@ class _PredictiveMixin:
 
     # ---- live configuration and stats (EngineCore.ext_scheduler_call) ----------------------
     def ext_get_config(self) -> dict:
-        return {**self.ext_config.to_dict(), "active_policy": self.ext_policy.name}
+        return {**self.ext_config.to_dict(), "active_policy": self.ext_policy.name,
+                "fallback": self.ext_stats.fallback_reason}
 
     def ext_apply_config(self, live: dict) -> dict:
         """Swap to the live settings `live` (validated by the caller and again here) between
@@ -202,9 +201,20 @@ class _PredictiveMixin:
         try:
             fn(*args)
         except Exception:
-            logger.exception("vllm-ext: policy %s failed; falling back to FCFS",
-                             self.ext_policy.name)
-            self.ext_policy = FcfsPolicy()
+            self._fall_back(getattr(fn, "__name__", "a policy call"))
+
+    def _fall_back(self, where: str) -> None:
+        """A failing policy is replaced by FCFS for the engine's lifetime: logged once with its
+        traceback, counted (``vllm_ext_policy_fallbacks_total``), named in /v1/ext/config,
+        and the waiting queue goes back to arrival order."""
+        logger.exception("vllm-ext: policy %s failed in %s; falling back to FCFS",
+                         self.ext_policy.name, where)
+        self.ext_stats.fallback(f"{self.ext_policy.name} failed in {where}")
+        self.ext_policy = FcfsPolicy()
+        if isinstance(self.waiting, FCFSRequestQueue):
+            ordered = sorted(self.waiting, key=lambda r: (r.arrival_time, r.request_id))
+            self.waiting.clear()
+            self.waiting.extend(ordered)
 
     # ---- policy application ----------------------------------------------------------------
     def view(self, request: Request) -> RequestView:
