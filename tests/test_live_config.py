@@ -210,3 +210,14 @@ def test_collector_renders_prometheus_families_with_types():
     assert {s.labels["term"] for s in fams["vllm_ext_step_cost_seconds"].samples} == {
         "base", "per_token"}
     assert fams["vllm_ext_expert_load_max_over_mean"].samples[0].value == 2.5
+
+
+def test_scheduler_stats_payload_is_what_the_collector_reads():
+    """ext_get_stats's payload: every field ExtCollector reads, from the real objects."""
+    fit = StepCostFit()
+    payload = {**SchedStats().to_dict(), "policy": "fcfs", "kv_bits": 16,
+               "step_cost": fit.to_dict()}
+    assert set(payload) >= {"preemptions", "error_buckets", "error_counts", "error_sum",
+                            "policy_fallbacks", "policy", "kv_bits", "step_cost"}
+    assert payload["step_cost"] == {"samples": 0, "base_s": None, "per_token_s": None}
+    assert fit.step_s(2) == 0.0

@@ -84,6 +84,8 @@ def _adapter(requests):
     s.ext_policy, s.ext_predictions, s.ext_waiting_keys = _CountingOracle(), {}, {}
     s.ext_dirty, s.ext_running_seen = True, ()
     s.ext_step_cost, s.ext_last_update = StepCostFit(), None
+    s.ext_now, s.ext_due = 0.0, {"running": float("inf"), "waiting": float("inf")}
+    s.ext_waiting_dirty = True
     s.ext_stats, s.ext_config = SchedStats(), ExtConfig(policy="oracle")
     s.vllm_config = SimpleNamespace(model_config=None)
     s.requests, s.running, s.waiting = {}, [], FCFSRequestQueue()
@@ -212,3 +214,29 @@ def test_a_failing_policy_falls_back_to_fcfs_counted_and_named(where):
     assert s.ext_get_config()["fallback"] == s.ext_stats.fallback_reason
     assert [r.request_id for r in s.waiting][:3] == ["a", "b", "c"]  # arrival order again
     assert s.schedule() == "scheduled"  # and the engine keeps scheduling
+
+
+def test_a_request_passing_its_starvation_bound_is_reordered_without_another_event():
+    import time
+
+    from vllm_ext.sched.trail import LengthBins, TrailPolicy
+
+    s, ns = _adapter([("long", 0, 300), ("short", 1, 5)])
+    s.ext_policy = TrailPolicy(bins=LengthBins((0.0, 100.0, 1000.0)), tail_factor=3.0)
+    s.ext_policy.prompt_pred.update({"long": 300.0, "short": 5.0})
+    s.ext_step_cost.base_s, s.ext_step_cost.per_token_s = 0.01, 0.0  # calibrated: 10 ms steps
+    s.max_num_running_reqs, s.block_size = 4, 16
+    s.kv_cache_manager = ns(block_pool=ns(get_num_free_blocks=lambda: 100))
+    now = time.time()
+    s.requests["long"].arrival_time = now - 9.0 + 0.3   # bound 3 x 300 x 10 ms = 9 s: due in 0.3 s
+    s.requests["short"].arrival_time = now - 1.0
+    for r in s.requests.values():
+        r.num_tokens, r.max_tokens = 4, 1000
+    s.schedule()
+    assert [r.request_id for r in s.waiting] == ["short", "long"]  # SRPT
+    s.ext_dirty = False
+    s.schedule()
+    assert [r.request_id for r in s.waiting] == ["short", "long"]  # nothing happened yet
+    time.sleep(0.35)
+    s.schedule()  # no arrival, prediction or running change: the deadline alone re-sorts
+    assert [r.request_id for r in s.waiting] == ["long", "short"]

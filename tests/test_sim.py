@@ -169,3 +169,27 @@ def test_preemptions_counted_by_cause_and_recompute_charged_like_the_engine():
         assert latency_stats(rep.finished)["preemptions"] == rep.preemptions["policy"]
         counts[charged] = rep.preemptions["policy"]
     assert 0 < counts[True] < counts[False]  # charging the recompute refuses some preemptions
+
+
+def test_starvation_bound_holds_in_an_adversarial_stream_of_short_arrivals():
+    """One long request, then a stream of short ones that keeps the only slot busy: plain SRPT
+    preempts the long one and starves it until the stream ends; with the bound it becomes
+    overdue 3 x its predicted service time after arrival and then runs to the end."""
+    from vllm_ext.sim.predicted import NoisyTrailPolicy
+
+    cost = StepCost(0.01, 0.0, 0.0)
+    long = SimRequest("long", 0.0, 8, 200, 200)
+    shorts = [SimRequest(f"s{i}", 0.05 + i * 0.04, 8, 5, 5) for i in range(600)]
+    cfg = ReplicaConfig(max_num_seqs=1, max_num_batched_tokens=64, cost=cost)
+    finish = {}
+    for factor in (0.0, 3.0):
+        done = simulate([long, *shorts], cfg, lambda f=factor: NoisyTrailPolicy(
+            sigma_initial=0.0, sigma_refined=0.0, tail_factor=f))
+        finish[factor] = {r.request_id: r for r in done}
+        assert len(done) == 601
+    starved, bounded = finish[0.0]["long"], finish[3.0]["long"]
+    bound_s = 3.0 * 200 * cost.step_time(1, 1)  # 3 x predicted service
+    assert starved.finish_s > max(r.arrival_s for r in shorts)  # waited out the whole stream
+    # overdue at its deadline, then served to the end without preemption (+ one short's run)
+    assert bounded.finish_s <= bound_s + 200 * cost.step_time(1, 1) + 0.1
+    assert bounded.finish_s < starved.finish_s / 3

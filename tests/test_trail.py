@@ -112,3 +112,22 @@ def test_predictions_are_capped_by_what_max_tokens_leaves():
     assert p.choose_victim(view("x"), [capped, view("other", out=1)]).request_id == "other"
     p.on_arrival("new", [1])                      # prompt-only 40, capped at 25
     assert p.remaining(replace(view("new"), max_tokens=25)) == 25
+
+
+def test_starvation_bound_orders_overdue_first_and_protects_them():
+    p = TrailPolicy(bins=LengthBins((0.0, 10.0, 100.0, 1000.0)), tail_factor=2.0,
+                    tail_min_tokens=10.0, step_s=0.01)
+    p.prompt_pred.update({"long": 300.0, "short": 5.0})
+
+    def v(rid, now, out=0):
+        return RequestView(rid, arrival_time=0.0 if rid == "long" else now - 0.01,
+                           num_prompt_tokens=4, num_output_tokens=out, max_tokens=500, now=now)
+    # the long request's bound: 2 x 300 tokens x 10 ms = 6 s after its arrival
+    assert p.overdue_at(v("long", 0.0)) == pytest.approx(6.0)
+    assert p.sort_key(v("short", 5.0)) < p.sort_key(v("long", 5.0))      # SRPT before the bound
+    assert p.sort_key(v("long", 6.5)) < p.sort_key(v("short", 6.5))      # overdue goes first
+    assert p.preemptible(v("long", 5.0)) and not p.preemptible(v("long", 6.5))
+    assert p.choose_victim(v("short", 6.5), [v("long", 6.5)]) is None     # never preempted
+    off = TrailPolicy(bins=p.bins, tail_factor=0.0, step_s=0.01, prompt_pred=p.prompt_pred)
+    assert off.overdue_at(v("long", 0.0)) == float("inf")
+    assert off.sort_key(v("short", 100.0)) < off.sort_key(v("long", 100.0))

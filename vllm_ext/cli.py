@@ -39,6 +39,11 @@ def ext_arg_parser() -> argparse.ArgumentParser:
                         "C x its initial prediction")
     g.add_argument("--ext-no-trail-smoothing", action="store_true",
                    help="trail: use each probe output as is (no Bayesian smoothing)")
+    g.add_argument("--ext-trail-tail-factor", type=float, default=ExtConfig.trail_tail_factor,
+                   metavar="X", help="trail/spjf starvation bound: a request waiting past X x "
+                   "its predicted service time goes first and is not preempted (default 3)")
+    g.add_argument("--ext-no-trail-tail-bound", action="store_true",
+                   help="trail/spjf: no starvation bound (plain SRPT order)")
     g.add_argument("--ext-no-preemption-cost", action="store_true",
                    help="trail/spjf: do not charge the victim's recompute against a preemption")
     g.add_argument("--ext-admin-token", metavar="TOKEN",
@@ -95,6 +100,7 @@ def ext_config_from_args(ns: argparse.Namespace) -> ExtConfig:
         "trail_preempt_fraction": ns.ext_trail_preempt_fraction,
         "trail_smoothing": not ns.ext_no_trail_smoothing,
         "preemption_cost": not ns.ext_no_preemption_cost,
+        "trail_tail_factor": 0.0 if ns.ext_no_trail_tail_bound else ns.ext_trail_tail_factor,
         "live_config": bool(getattr(ns, "ext_admin_token", None) or os.environ.get(TOKEN_ENV)),
         "probe_paths": [os.path.abspath(p) for p in ns.ext_probe],
         "probe_every": ns.ext_probe_every,

@@ -25,7 +25,7 @@ KV_PARTITIONS = (32, 64, 128)  # HACK: tokens per K quantization partition
 # structure: MoE layers, KV format, which probes are loaded) are fixed at engine start.
 LIVE_FIELDS = ("policy", "preemption_margin", "max_preemptions_per_request",
                "max_preemptions_per_step", "trail_preempt_fraction", "trail_smoothing",
-               "preemption_cost", "probe_every")
+               "preemption_cost", "trail_tail_factor", "probe_every")
 
 
 class ExtConfigError(ValueError):
@@ -48,6 +48,9 @@ class ExtConfig:
     # trail/spjf: count the victim's recompute (prefill of its tokens so far, at the engine's
     # measured step cost) against a preemption (`vllm_ext.sched.step_cost`)
     preemption_cost: bool = True
+    # trail/spjf starvation bound: overdue past this slowdown over the predicted service time
+    # (`vllm_ext.sched.trail`); 0 = off
+    trail_tail_factor: float = 3.0
     # workers load every probe a live policy switch may need, and run them only while the
     # active policy reads them (set by `vllm-ext serve --ext-admin-token`)
     live_config: bool = False
@@ -82,6 +85,7 @@ class ExtConfig:
         _check_range("max_preemptions_per_step", self.max_preemptions_per_step, 0)
         _check_range("probe_every", self.probe_every, 1)
         _check_range("trail_preempt_fraction", self.trail_preempt_fraction, 0.0)
+        _check_range("trail_tail_factor", self.trail_tail_factor, 0.0)
 
     # ---- (de)serialisation -------------------------------------------------------------
     @classmethod

@@ -35,6 +35,7 @@ class RequestView:
     num_preemptions: int = 0
     true_output_len: int | None = None
     predictions: dict[str, float] = field(default_factory=dict)
+    now: float = 0.0  # the clock arrival_time is on (engine: time.time(); simulator: its own)
 
     @property
     def true_remaining(self) -> float:

@@ -79,6 +79,9 @@ class _PredictiveMixin:
         self.ext_preempt_cause = "kv_pressure"  # "policy" while _preempt_for preempts
         self.ext_step_cost = StepCostFit()
         self.ext_last_update: float | None = None  # perf_counter of the last busy step's end
+        # starvation bound: the next time a running / waiting request becomes overdue
+        self.ext_now = time.time()
+        self.ext_due = {"running": math.inf, "waiting": math.inf}
         if self.ext_policy.reorders and not isinstance(self.waiting, FCFSRequestQueue):
             logger.warning("vllm-ext: waiting queue is not FCFS (--scheduling-policy priority); "
                            "policy %s orders running requests only", self.ext_policy.name)
@@ -105,7 +108,9 @@ class _PredictiveMixin:
         become due (victims only get shorter and less preemptible)."""
         if not self.ext_policy.reorders:
             return super().schedule(*args, **kwargs)
-        if self.ext_running_seen != self._running_ids():
+        self.ext_now = time.time()  # the clock of request.arrival_time
+        if (self.ext_running_seen != self._running_ids()
+                or self.ext_now >= min(self.ext_due.values())):  # a request became overdue
             self.ext_dirty = self.ext_waiting_dirty = True
         if self.ext_dirty:
             try:
@@ -229,6 +234,7 @@ class _PredictiveMixin:
             num_preemptions=request.num_preemptions,
             true_output_len=true_len if isinstance(true_len, int) else None,
             predictions=self.ext_predictions.get(request.request_id, {}),
+            now=self.ext_now,
         )
 
     def _apply_policy(self) -> None:
@@ -236,7 +242,10 @@ class _PredictiveMixin:
             self.ext_policy.recompute_steps_per_token = (
                 self.ext_step_cost.steps_per_token(len(self.running))
                 if self.ext_config.preemption_cost else 0.0)
+        if hasattr(self.ext_policy, "step_s"):
+            self.ext_policy.step_s = self.ext_step_cost.step_s(len(self.running))
         views = {r.request_id: self.view(r) for r in self.running}
+        self.ext_due["running"] = min((self._due(v) for v in views.values()), default=math.inf)
         self.running.sort(key=lambda r: self.ext_policy.sort_key(views[r.request_id]))
         if isinstance(self.waiting, FCFSRequestQueue) and self.waiting:
             if self.ext_waiting_dirty:
@@ -251,17 +260,28 @@ class _PredictiveMixin:
         # the cache is rebuilt from the requests waiting now, so admitted and finished ones
         # leave it without a pass of their own
         known, self.ext_waiting_keys = self.ext_waiting_keys, {}
+        self.ext_due["waiting"] = math.inf
         ordered = sorted(self.waiting, key=lambda r: self._waiting_key(r, known))
         self.waiting.clear()
         self.waiting.extend(ordered)
 
     def _waiting_key(self, request: Request, known: dict) -> tuple:
+        """Cached per request while it waits; entry = (state, key, when it becomes overdue):
+        a key holds until the request's state changes or it passes the starvation bound."""
         state = (request.num_output_tokens, request.num_preemptions)
         cached = known.get(request.request_id)
-        if cached is None or cached[0] != state:
-            cached = (state, self.ext_policy.sort_key(self.view(request)))
+        if cached is None or cached[0] != state or self.ext_now >= cached[2]:
+            view = self.view(request)
+            cached = (state, self.ext_policy.sort_key(view), self._due(view))
         self.ext_waiting_keys[request.request_id] = cached
+        self.ext_due["waiting"] = min(self.ext_due["waiting"], cached[2])
         return cached[1]
+
+    def _due(self, view: RequestView) -> float:
+        """When `view` passes the policy's starvation bound; inf if it has or never will."""
+        overdue_at = getattr(self.ext_policy, "overdue_at", None)
+        at = overdue_at(view) if overdue_at is not None else math.inf
+        return at if at > view.now else math.inf
 
     def _has_room_for(self, request: Request) -> bool:
         if len(self.running) >= self.max_num_running_reqs:
@@ -335,4 +355,5 @@ def build_policy(ext: ExtConfig, model_config) -> Policy:
                        prompt_model=PromptModel(tuple(prompt["coef"]), prompt["buckets"])
                        if prompt else None,
                        preempt_fraction=ext.trail_preempt_fraction,
-                       smoothing=ext.trail_smoothing, refine=ext.policy == "trail", **common)
+                       smoothing=ext.trail_smoothing, refine=ext.policy == "trail",
+                       tail_factor=ext.trail_tail_factor, **common)

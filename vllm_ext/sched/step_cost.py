@@ -52,10 +52,19 @@ class StepCostFit:
         self.base_s, self.per_token_s = max(float(base), 1e-6), max(float(per_token), 0.0)
         self._since_fit = 0
 
+    def step_s(self, batch: int) -> float:
+        """Seconds of one decode step of `batch` requests (0 while uncalibrated)."""
+        if self.base_s is None:
+            return 0.0
+        return self.base_s + self.per_token_s * max(1, batch)
+
     def steps_per_token(self, batch: int) -> float:
         """Decode steps one recomputed token costs with `batch` requests decoding (0 while
         uncalibrated)."""
-        if self.base_s is None:
-            return 0.0
-        return self.per_token_s / (self.base_s + self.per_token_s * max(1, batch))
+        step = self.step_s(batch)
+        return self.per_token_s / step if step else 0.0
+
+    def to_dict(self) -> dict:
+        return {"samples": len(self.samples), "base_s": self.base_s,
+                "per_token_s": self.per_token_s}
 

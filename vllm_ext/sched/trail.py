@@ -10,6 +10,12 @@ Predictions per request:
     shifts mass one bin down with probability 1/bin-width per generated token, and
     posterior ∝ prior ⊙ p. The prediction is the expected value over bin midpoints.
 Every prediction is capped by what the request's ``max_tokens`` leaves.
+Starvation bound (default on, ``tail_factor``): a request whose time in the system exceeds
+``tail_factor x max(tail_min_tokens, its first predicted length) x step_s`` (a bounded
+slowdown over its predicted service time; ``step_s`` = the engine's measured decode step) is
+overdue: overdue requests go first, in arrival order, and are never preempted. SRPT keeps
+its order among the rest. The rule is the slowdown bound of SRPT-with-aging schedulers
+(HRRN's response ratio (wait + service) / service, capped instead of ranked).
 Scheduling (policy `trail`): waiting ordered by predicted remaining (ties by arrival); a
 running request is preemptible only while generated <= c x its initial prediction, never
 after; a waiting request preempts the preemptible running request with the largest prediction
@@ -135,6 +141,9 @@ class TrailPolicy(SrptPolicy):
     smoothing: bool = True
     refine: bool = True                # False = spjf (prompt-only, no refinement)
     charges_recompute = True           # cost-aware preemption (vllm_ext.sched.step_cost)
+    tail_factor: float = 3.0           # starvation bound: overdue past this slowdown (0 = off)
+    tail_min_tokens: float = 64.0      # ... over at least this many tokens of service
+    step_s: float = 0.0                # decode step (s), kept current by the engine; 0 = no bound
     prompt_pred: dict[str, float] = field(default_factory=dict)
     trackers: dict[str, RemainingTracker] = field(default_factory=dict)
 
@@ -187,5 +196,20 @@ class TrailPolicy(SrptPolicy):
         return min(max(1.0, total - view.num_output_tokens), left)
 
     def preemptible(self, view: RequestView) -> bool:
-        return (super().preemptible(view)
+        return (super().preemptible(view) and not self.overdue(view)
                 and view.num_output_tokens <= self.preempt_fraction * self.initial(view))
+
+    def overdue_at(self, view: RequestView) -> float:
+        """When the request passes the starvation bound (inf: no bound)."""
+        if self.tail_factor <= 0 or self.step_s <= 0:
+            return float("inf")
+        service = max(self.tail_min_tokens, min(self.initial(view), view.max_tokens))
+        return view.arrival_time + self.tail_factor * service * self.step_s
+
+    def overdue(self, view: RequestView) -> bool:
+        return view.now >= self.overdue_at(view)
+
+    def sort_key(self, view: RequestView) -> tuple:
+        if self.overdue(view):
+            return (0, view.arrival_time, view.request_id)
+        return (1, *super().sort_key(view))

@@ -40,7 +40,8 @@ def _policy(name: str, cap: int = 10**9, sigma: tuple[float, float] | None = Non
     if name in ("trail", "spjf"):
         sigma = sigma or (NoisyTrailPolicy.sigma_initial, NoisyTrailPolicy.sigma_refined)
         return lambda: NoisyTrailPolicy(max_preemptions_per_request=cap, refine=name == "trail",
-                                        sigma_initial=sigma[0], sigma_refined=sigma[1])
+                                        sigma_initial=sigma[0], sigma_refined=sigma[1],
+                                        **trail_args)
     return lambda: make_policy(name, max_preemptions_per_request=cap)
 
 
@@ -131,8 +132,11 @@ def cmd_replay(args) -> None:
         cfg = ReplicaConfig(max_num_seqs=args.max_num_seqs,
                             max_num_batched_tokens=args.max_num_batched_tokens, cost=cost)
         policy = args.policy_of.get(row["config"], row["config"])
+        trail_args = {"margin": args.margin, "tail_factor": args.tail_factor}
+        if recorded is not None:
+            trail_args["every"] = args.probe_every
         factory = _policy(policy, args.max_preemptions, (args.sigma_initial, args.sigma_refined),
-                          recorded, margin=args.margin, every=args.probe_every)
+                          recorded, **trail_args)
         paths = sorted(Path(args.compare).glob(f"{row['config']}@{row['rate']}.[rb]*.jsonl"))
         meas, sim, sim_pre = [], [], []
         for path in paths:  # one file per repeat or block: its arrivals, measured separately
@@ -255,8 +259,10 @@ def main(argv: list[str]) -> None:
                    help="the engine's per-request cap")
     r.add_argument("--predictions", help="trail/spjf on the probe's recorded outputs (from "
                    "`simulate record` on this run's trace) instead of noisy true lengths")
+    r.add_argument("--tail-factor", type=float, default=ExtConfig.trail_tail_factor,
+                   help="trail/spjf: the engine's --ext-trail-tail-factor (0 = no bound)")
     r.add_argument("--margin", type=float, default=ExtConfig.preemption_margin,
-                   help="trail/spjf (with --predictions): the engine's --ext-preemption-margin")
+                   help="trail/spjf: the engine's --ext-preemption-margin")
     r.add_argument("--probe-every", type=int, default=ExtConfig.probe_every,
                    help="trail (with --predictions): the engine's --ext-probe-every")
     _add_sigma_args(r)

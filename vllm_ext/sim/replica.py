@@ -12,7 +12,9 @@ Each step mirrors vLLM V1's scheduler loop closely enough for latency studies:
   * step time comes from a `StepCost` calibrated on the live engine; trail/spjf charge a
     victim's recompute against a preemption at that cost, as the engine does
     (`vllm_ext.sched.step_cost`, `preemption_cost`);
-  * preemptions are counted by cause (policy / kv_pressure), as the engine's ``/metrics``.
+  * preemptions are counted by cause (policy / kv_pressure), as the engine's ``/metrics``;
+  * trail/spjf's starvation bound runs on the profile's decode step time, on the simulated
+    clock (`RequestView.now`).
 """
 from __future__ import annotations
 
@@ -68,10 +70,10 @@ class SimRequest:
     def needed(self) -> int:  # tokens to compute before the next token can be sampled
         return self.prompt_len + self.generated - self.computed
 
-    def view(self) -> RequestView:
+    def view(self, now: float = 0.0) -> RequestView:
         return RequestView(self.request_id, self.arrival_s, self.prompt_len, self.generated,
                            self.output_len, self.preemptions, self.true_output_len,
-                           self.predictions)
+                           self.predictions, now)
 
 
 class Replica:
@@ -99,7 +101,7 @@ class Replica:
 
     # ---- one step ---------------------------------------------------------------------------
     def _key(self, r: SimRequest):
-        return self.policy.sort_key(r.view())
+        return self.policy.sort_key(r.view(self.now))
 
     def _preempt(self, r: SimRequest, cause: str = "kv_pressure") -> None:
         self.running.remove(r)
@@ -112,17 +114,20 @@ class Replica:
     def _policy_preemptions(self) -> None:
         if not self.policy.reorders:
             return
-        self.running.sort(key=self._key)
-        self.waiting.sort(key=self._key)
+        if hasattr(self.policy, "step_s"):  # starvation bound, on the profile's decode step
+            batch = max(1, len(self.running))
+            self.policy.step_s = self.config.cost.step_time(batch, batch)
         if getattr(self.policy, "charges_recompute", False):
             self.policy.recompute_steps_per_token = (
                 self.config.cost.steps_per_token(len(self.running))
                 if self.config.preemption_cost else 0.0)
+        self.running.sort(key=self._key)
+        self.waiting.sort(key=self._key)
         for _ in range(self.config.max_preemptions_per_step):
             if not self.waiting or self._fits(self.waiting[0]):
                 return
-            victim = self.policy.choose_victim(self.waiting[0].view(),
-                                               [r.view() for r in self.running])
+            victim = self.policy.choose_victim(self.waiting[0].view(self.now),
+                                               [r.view(self.now) for r in self.running])
             if victim is None:
                 return
             self._preempt(next(r for r in self.running if r.request_id == victim.request_id),

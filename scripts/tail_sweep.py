@@ -1,0 +1,64 @@
+"""SIMULATED: TRAIL's starvation bound (``--ext-trail-tail-factor``) swept on a live run's blocks.
+
+Replays the exact requests of every block of a `bench compare --same-server` run (arrivals,
+prompt and output lengths from the fcfs blocks' JSONL) through the simulator with fcfs, the
+oracle, and TRAIL (noisy predicted lengths, `vllm_ext.sim.predicted`) at each tail factor, on
+a served step-cost profile; prints, per rate, the mean over blocks of mean and p99 e2e and
+their paired ratios to simulated fcfs. Figures are simulated, not measured:
+    .venv/bin/python scripts/tail_sweep.py --run results/trail13 \\
+        --profile results/sim/profile-trail13-trail.json --factors 0 2 4 8 16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from vllm_ext.sched.policy import make_policy
+from vllm_ext.sim.cluster import latency_stats, simulate
+from vllm_ext.sim.predicted import NoisyTrailPolicy
+from vllm_ext.sim.profile import load_profile
+from vllm_ext.sim.replica import ReplicaConfig, SimRequest
+
+
+def block_requests(path: Path, overhead: float) -> list[SimRequest]:
+    recs = [json.loads(line) for line in path.read_text().splitlines()]
+    return [SimRequest(str(r["index"]), r["arrival_s"] + overhead, r["prompt_tokens"],
+                       max(1, r["output_tokens"]), max(1, r["output_tokens"]))
+            for r in recs if r["error"] is None]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run", required=True, help="a bench compare --same-server --out folder")
+    p.add_argument("--profile", required=True)
+    p.add_argument("--factors", type=float, nargs="+", default=[0, 2, 4, 8, 16])
+    p.add_argument("--max-num-seqs", type=int, default=2)
+    args = p.parse_args()
+    cost, overhead = load_profile(args.profile)
+    cfg = ReplicaConfig(max_num_seqs=args.max_num_seqs, cost=cost)
+    policies = {"fcfs": lambda: make_policy("fcfs"), "oracle": lambda: make_policy("oracle")}
+    for f in args.factors:
+        policies[f"trail tail={f:g}"] = lambda f=f: NoisyTrailPolicy(tail_factor=f)
+    blocks = sorted(Path(args.run).glob("fcfs@*.b*.jsonl"))
+    rates = sorted({b.name.split("@")[1].split(".b")[0] for b in blocks}, key=float)
+    for rate in rates:
+        stats = {name: [] for name in policies}
+        for path in [b for b in blocks if f"@{rate}.b" in b.name]:
+            reqs = block_requests(path, overhead)
+            for name, factory in policies.items():
+                st = latency_stats(simulate(reqs, cfg, factory))
+                stats[name].append((st["mean_e2el_s"], st["p99_e2el_s"]))
+        base = np.asarray(stats["fcfs"])
+        print(f"SIMULATED, rate {rate}, {len(base)} blocks of {args.run}")
+        print(f"{'policy':<18}{'mean e2e (s)':>13}{'vs fcfs':>9}{'p99 e2e (s)':>13}{'vs fcfs':>9}")
+        for name, vals in stats.items():
+            v = np.asarray(vals)
+            print(f"{name:<18}{v[:, 0].mean():>13.3f}{v[:, 0].mean() / base[:, 0].mean():>9.2f}"
+                  f"{v[:, 1].mean():>13.3f}{v[:, 1].mean() / base[:, 1].mean():>9.2f}")
+
+
+if __name__ == "__main__":
+    main()
