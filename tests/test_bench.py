@@ -119,3 +119,29 @@ def test_cpu_seconds_of_a_process_tree():
             child.kill()
         root.wait()
     assert cpu_seconds(root.pid) == {"api": 0.0, "engine": 0.0, "worker": 0.0}  # gone
+
+
+def test_goodput_tails_and_slowdown():
+    from vllm_ext.bench.metrics import RequestRecord, parse_goodput, summarize
+
+    recs = []
+    for i, (ttft, e2e, n) in enumerate([(0.1, 1.0, 10), (0.5, 2.0, 10), (0.2, 5.0, 10),
+                                        (0.05, 0.1, 1)]):
+        recs.append(RequestRecord(index=i, arrival_s=0.0, ttft_s=ttft, e2el_s=e2e,
+                                  output_tokens=n))
+    recs.append(RequestRecord(index=4, arrival_s=0.0, error="HTTP 500"))
+    slos = parse_goodput(["ttft:300", "e2el:2500"])
+    assert slos == {"ttft": 300.0, "e2el": 2500.0}
+    out = summarize(recs, 10.0, slos)
+    # met: #0 (100 ms, 1 s) and #3 (1 token: TPOT counts as 0); not #1 (TTFT), #2 (e2e), #4 (failed)
+    assert out["request_goodput"] == pytest.approx(2 / 10.0)
+    assert out["goodput_fraction"] == pytest.approx(2 / 5)
+    assert out["max_e2el_ms"] == pytest.approx(5000.0)
+    assert out["p99_e2el_ms"] <= out["p99.9_e2el_ms"] <= out["max_e2el_ms"]
+    # slowdown: e2e / (tokens x median TPOT); TPOTs 0.1, 0.1667, 0.5333 s -> median 1/6 s
+    assert out["mean_slowdown"] == pytest.approx(np.mean([1.0 / (10 / 6), 2.0 / (10 / 6),
+                                                          5.0 / (10 / 6), 0.1 / (1 / 6)]))
+    assert "request_goodput" not in summarize(recs, 10.0)
+    for bad in (["ttft"], ["p50:3"], ["e2el:-1"], ["tpot:x"]):
+        with pytest.raises(ValueError, match="--goodput"):
+            parse_goodput(bad)

@@ -39,6 +39,8 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--no-true-len", action="store_true",
                    help="do not send ext_true_output_len (e.g. to non-vLLM servers)")
+    p.add_argument("--goodput", nargs="+", metavar="NAME:MS",
+                   help="SLOs for goodput, as vLLM bench serve: ttft:MS tpot:MS e2el:MS")
     p.add_argument("--out", default="results/bench", help="output folder")
 
 
@@ -61,7 +63,7 @@ def measure_requests(base_url: str, model: str, args, reqs):
         base_url, model, reqs, send_true_len=not args.no_true_len, ignore_eos=args.ignore_eos,
         duration_s=args.duration))
     from vllm_ext.bench.metrics import summarize
-    return records, summarize(records[args.warmup:], wall)
+    return records, summarize(records[args.warmup:], wall, args.slos)
 
 
 def cpu_per_token_ms(before: dict, after: dict, summary: dict) -> dict:
@@ -185,6 +187,12 @@ def main(argv: list[str]) -> None:
     r.add_argument("run", help="a compare --out folder or its compare.json")
     r.add_argument("--baseline", required=True)
     args = parser.parse_args(argv)
+    if args.command != "report":
+        from vllm_ext.bench.metrics import parse_goodput
+        try:
+            args.slos = parse_goodput(args.goodput)
+        except ValueError as exc:
+            parser.error(str(exc))
     for name in ("rate", "num_requests", "max_tokens", "blocks", "block_requests", "repeats"):
         if getattr(args, name, 1) is not None and getattr(args, name, 1) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be > 0")

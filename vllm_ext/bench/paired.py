@@ -15,7 +15,8 @@ import random
 
 import numpy as np
 
-CI_METRICS = ("mean_e2el_ms", "p99_e2el_ms", "mean_ttft_ms", "p99_ttft_ms")
+CI_METRICS = ("mean_e2el_ms", "p99_e2el_ms", "mean_ttft_ms", "p99_ttft_ms",
+              "output_throughput", "request_goodput")  # the last only with --goodput
 
 
 def block_order(configs: list[str], rounds: int, seed: int) -> list[list[str]]:
@@ -78,6 +79,7 @@ def ci_table(rows: list[dict], baseline: str, unit: str = "round",
              metrics=CI_METRICS) -> str:
     """Mean over blocks per config, and vs the baseline: the ratio of means [95% CI] and the
     median paired ratio [95% CI], per metric and rate."""
+    metrics = [m for m in metrics if any(r.get(m) for r in rows)]
     lines = [f"paired ratios vs {baseline} over {unit}s: ratio of means [95% CI] / median of "
              f"per-{unit} ratios [95% CI]; CI = bootstrap over {unit}s"]
     for rate in sorted({r["rate"] for r in rows}):

@@ -7,8 +7,10 @@ from pathlib import Path
 from vllm_ext.bench.metrics import RequestRecord
 from vllm_ext.bench.servers import CPU_ROLES
 
-TABLE_FIELDS = ("mean_e2el_ms", "median_e2el_ms", "p99_e2el_ms", "mean_ttft_ms",
-                "p99_ttft_ms", "mean_tpot_ms", "output_throughput")
+TABLE_FIELDS = ("mean_e2el_ms", "median_e2el_ms", "p99_e2el_ms", "p99.9_e2el_ms",
+                "max_e2el_ms", "mean_ttft_ms", "p99_ttft_ms", "mean_tpot_ms",
+                "output_throughput", "request_goodput")
+SUMMARY_STATS = ("mean", "median", "p90", "p99", "p99.9", "max")
 
 
 def summary_table(summary: dict, title: str = "") -> str:
@@ -17,11 +19,17 @@ def summary_table(summary: dict, title: str = "") -> str:
                  f"duration {summary['duration']:.1f} s  "
                  f"req/s {summary['request_throughput']:.2f}  "
                  f"out tok/s {summary['output_throughput']:.1f}")
-    lines.append(f"{'metric':<8}{'mean':>10}{'median':>10}{'p90':>10}{'p99':>10}  (ms)")
+    lines.append(f"{'metric':<8}" + "".join(f"{k:>10}" for k in SUMMARY_STATS) + "  (ms)")
     for name in ("ttft", "tpot", "itl", "e2el"):
-        vals = [summary.get(f"{k}_{name}_ms") for k in ("mean", "median", "p90", "p99")]
+        vals = [summary.get(f"{k}_{name}_ms") for k in SUMMARY_STATS]
         lines.append(f"{name:<8}" + "".join(f"{v:>10.1f}" if v is not None else f"{'-':>10}"
                                             for v in vals))
+    if summary.get("mean_slowdown") is not None:
+        lines.append(f"slowdown (e2e / own service time): mean {summary['mean_slowdown']:.2f}  "
+                     f"p99 {summary['p99_slowdown']:.2f}")
+    if "request_goodput" in summary:
+        lines.append(f"goodput {summary['request_goodput']:.2f} req/s "
+                     f"({summary['goodput_fraction']:.0%} of requests met every SLO)")
     return "\n".join(lines)
 
 
