@@ -35,6 +35,8 @@ def run(spec: dict) -> dict:
     llm = LLM(**kwargs)
     engine = llm.llm_engine
     sched = engine.engine_core.engine_core.scheduler  # in-process (no V1 multiprocessing)
+    if "phases" in spec:  # lifetime checks: several batches, state read around each
+        return {"phases": [run_phase(engine, sched, phase) for phase in spec["phases"]]}
     free_before = sched.kv_cache_manager.block_pool.get_num_free_blocks()
     pending = sorted(spec["requests"], key=lambda r: r.get("after_step", 0))
     result = {"finish_order": [], "token_ids": {}, "texts": {}, "finish_step": {},
@@ -76,6 +78,35 @@ def run(spec: dict) -> dict:
     result["kv_cache_size_tokens"] = getattr(engine.vllm_config.cache_config,
                                              "kv_cache_size_tokens", None)
     return result
+
+
+def run_phase(engine, sched, phase: dict) -> dict:
+    """One batch under the live settings `phase["live"]`, with aborts at given steps; the
+    engine's per-request state (`ext_get_state`) before and after, and the workers'."""
+    from vllm import SamplingParams
+
+    if phase.get("live"):
+        sched.ext_apply_config(phase["live"])
+        engine.collective_rpc("ext_apply_config", args=(sched.ext_config.live_dict(),))
+    before = sched.ext_get_state()
+    pending = sorted(phase["requests"], key=lambda r: r.get("after_step", 0))
+    aborts = dict(phase.get("abort_at", {}))
+    finished, step = {}, 0
+    while pending or engine.has_unfinished_requests():
+        while pending and pending[0].get("after_step", 0) <= step:
+            r = pending.pop(0)
+            engine.add_request(r["id"], r["prompt"], SamplingParams(
+                max_tokens=r["max_tokens"], temperature=0.0, ignore_eos=r.get("ignore_eos", False),
+                extra_args=r.get("xargs")))
+        for req_id in [r for r, at in aborts.items() if at <= step]:
+            engine.abort_request([req_id])
+            del aborts[req_id]
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out.outputs[0].finish_reason
+        step += 1
+    return {"before": before, "after": sched.ext_get_state(), "finished": finished,
+            "workers": engine.collective_rpc("ext_get_state"), "stats": sched.ext_get_stats()}
 
 
 if __name__ == "__main__":

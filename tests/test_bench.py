@@ -145,3 +145,16 @@ def test_goodput_tails_and_slowdown():
     for bad in (["ttft"], ["p50:3"], ["e2el:-1"], ["tpot:x"]):
         with pytest.raises(ValueError, match="--goodput"):
             parse_goodput(bad)
+
+
+def test_length_latency_plot(tmp_path):
+    from vllm_ext.bench.metrics import RequestRecord
+    from vllm_ext.bench.report import plot_length_latency
+
+    runs = {name: [RequestRecord(index=i, arrival_s=0.0, ttft_s=0.1, e2el_s=scale * (1 + i),
+                                 output_tokens=10 * (1 + i)) for i in range(30)]
+            for name, scale in (("fcfs", 1.0), ("trail", 0.5))}
+    plot_length_latency(tmp_path / "by-length.png", runs)
+    assert (tmp_path / "by-length.png").stat().st_size > 1000
+    plot_length_latency(tmp_path / "empty.png", {"x": []})  # nothing to draw: no file, no error
+    assert not (tmp_path / "empty.png").exists()

@@ -139,6 +139,7 @@ def cmd_compare(args) -> None:
     (out / "compare.json").write_text(json.dumps({"argv": sys.argv, "rows": rows}, indent=2))
     report.plot_cdfs(out / "cdf.png", runs)
     report.plot_sweep(out / "sweep.png", rows)
+    report.plot_length_latency(out / "by-length.png", runs)
 
 
 def cmd_report(args) -> None:

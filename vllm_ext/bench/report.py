@@ -140,3 +140,40 @@ def plot_sweep(path: Path, rows: list[dict], metric: str = "mean_e2el_ms", title
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_length_latency(path: Path, runs: dict[str, list[RequestRecord]], bins: int = 8) -> None:
+    """Who waits, by size: mean and p99 e2e latency per output-length bin, one line per run
+    (bins are quantiles of all runs' output lengths, so every run is cut at the same sizes)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    lengths = np.asarray([r.output_tokens for recs in runs.values() for r in recs if r.ok])
+    if lengths.size == 0:
+        return
+    edges = np.unique(np.quantile(lengths, np.linspace(0, 1, bins + 1)))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+    for label, records in runs.items():
+        ok = [r for r in records if r.ok]
+        idx = np.clip(np.searchsorted(edges, [r.output_tokens for r in ok], side="right") - 1,
+                      0, len(edges) - 2)
+        e2e = np.asarray([r.e2el_s for r in ok])
+        mids, means, p99s = [], [], []
+        for b in range(len(edges) - 1):
+            vals = e2e[idx == b]
+            if vals.size:
+                mids.append((edges[b] + edges[b + 1]) / 2)
+                means.append(vals.mean())
+                p99s.append(np.percentile(vals, 99))
+        axes[0].plot(mids, means, marker="o", label=label)
+        axes[1].plot(mids, p99s, marker="o", label=label)
+    for ax, what in zip(axes, ("mean", "p99")):
+        ax.set_xlabel("output tokens (bin midpoint)")
+        ax.set_ylabel(f"{what} e2e latency (s)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -69,7 +69,7 @@ def run(args, configs, model: str, requests_at) -> None:
     settings = {name: live_settings(name, extra) for name, kind, extra in configs}
     token = secrets.token_hex(16)
     out = Path(args.out)
-    rows = []
+    rows, runs = [], {}
     orders = paired.block_order(list(settings), args.blocks, args.seed)
     with running_server("ext", model, f"{args.server_args} --ext-admin-token {token}",
                         out / "server.log") as server:
@@ -85,11 +85,13 @@ def run(args, configs, model: str, requests_at) -> None:
                     summary.update(live.counter_deltas(before, live.scrape(server.url)))
                     rows.append({"config": name, "rate": rate, "round": rnd, **summary})
                     report.write_records(out / f"{name}@{rate}.b{rnd}.jsonl", records)
+                    runs.setdefault(f"{name}@{rate:g}", []).extend(records)
                     print(f"round {rnd} {name} @ {rate}: mean e2e {summary['mean_e2el_ms']:.0f} ms"
                           f"  p99 {summary['p99_e2el_ms']:.0f} ms  failed {summary['failed']}"
                           f"  preemptions policy/kv {summary['preemptions_policy']:.0f}/"
                           f"{summary['preemptions_kv_pressure']:.0f}", flush=True)
     write_report(args, rows, out)
+    report.plot_length_latency(out / "by-length.png", runs)
 
 
 def write_report(args, rows: list[dict], out: Path, unit: str = "round") -> str:
