@@ -5,6 +5,9 @@ Off unless the server was started with ``--ext-admin-token TOKEN`` (``vllm-ext s
 carry ``Authorization: Bearer TOKEN`` (401 otherwise). Without a token the route answers 403 on
 every bind, loopback or not, so it is never reachable unauthenticated.
 
+``GET /v1/ext/admin/state`` (same token) reports the engine's per-request state sizes and free
+KV blocks, for lifetime checks.
+
 Body: ``{"config": {<LIVE_FIELDS key>: value, ...}, "drain": false, "drain_timeout_s": 300,
 "reset_prefix_cache": false}``. The change is validated first (400 naming the key on an unknown,
 fixed or bad setting; nothing changes), then, if ``drain``, vLLM's own
@@ -25,6 +28,7 @@ from vllm_ext.engine_rpc import scheduler_call
 
 TOKEN_ENV = "VLLM_EXT_ADMIN_TOKEN"
 ADMIN_PATH = "/v1/ext/admin/config"
+STATE_PATH = "/v1/ext/admin/state"
 _lock = asyncio.Lock()
 
 
@@ -117,3 +121,11 @@ async def apply(app, raw: bytes) -> dict:
                 await engine.resume_generation()
     return {"config": active, "previous": current.live_dict(), "workers": workers,
             "drained": options["drain"], "prefix_cache_reset": options["reset_prefix_cache"]}
+
+
+async def engine_state(app) -> dict:
+    """``GET /v1/ext/admin/state``: the scheduler's and workers' per-request state sizes and
+    the free KV blocks (`scripts/soak.py` compares them before and after a load)."""
+    engine = app.state.engine_client
+    return {"scheduler": await scheduler_call(engine, "ext_get_state"),
+            "workers": await engine.collective_rpc("ext_get_state")}

@@ -3,7 +3,8 @@
 Added with vLLM's own ``--middleware vllm_ext.server.middleware.ExtMiddleware`` (``vllm-ext
 serve`` adds it), so it works on plain ``vllm serve`` too. It
   * serves ``GET /v1/ext/config``: the active ExtConfig, scheduler/worker classes, versions;
-  * serves ``POST /v1/ext/admin/config`` (live config switch, token-protected: `admin`);
+  * serves ``POST /v1/ext/admin/config`` (live config switch) and ``GET /v1/ext/admin/state``
+    (per-request state sizes, free KV blocks), both token-protected: `admin`;
   * refreshes vllm-ext's counters before vLLM renders ``GET /metrics`` (`metrics`);
   * validates the ``ext_*`` keys of ``vllm_xargs`` on completions and chat requests and answers
     HTTP 400 with a message for a malformed one (the request never reaches the engine);
@@ -70,7 +71,7 @@ class ExtMiddleware:
         path, method = scope["path"], scope["method"]
         if path == "/v1/ext/config" and method == "GET":
             return await _send_json(send, 200, await ext_config_payload(scope["app"]))
-        if path == admin.ADMIN_PATH:
+        if path in (admin.ADMIN_PATH, admin.STATE_PATH):
             return await _admin(scope, receive, send)
         if path.rstrip("/") == "/metrics" and method == "GET":
             await metrics.refresh(scope["app"])
@@ -175,9 +176,12 @@ async def _admin(scope, receive, send) -> None:
     raw = await _read_body(receive)
     try:
         admin.check_token(headers)
-        if scope["method"] != "POST":
+        if scope["path"] == admin.STATE_PATH:
+            payload = await admin.engine_state(scope["app"])
+        elif scope["method"] != "POST":
             raise admin.AdminError(405, f"{admin.ADMIN_PATH} takes POST")
-        payload = await admin.apply(scope["app"], raw)
+        else:
+            payload = await admin.apply(scope["app"], raw)
     except admin.AdminError as exc:
         return await _send_json(send, exc.status, {"error": {
             "message": str(exc), "type": "AdminError", "code": exc.status}})

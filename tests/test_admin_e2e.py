@@ -88,3 +88,14 @@ def test_metrics_on_vllms_endpoint_with_types(server):
     assert runs.type == "counter" and runs.samples[0].value > 0
     assert families["vllm_ext_kv_cache_bits"].samples[0].value == 16
     assert "vllm:num_preemptions" in families  # vLLM's own metrics still there
+
+
+def test_state_route_reports_sizes_behind_the_token(server):
+    assert httpx.get(server + "/v1/ext/admin/state").status_code == 401
+    state = httpx.get(server + "/v1/ext/admin/state", headers=AUTH, timeout=60).json()
+    sched = state["scheduler"]
+    assert sched["requests"] == 0 and sched["free_blocks"] > 0  # idle between tests
+    assert not any(sched["per_request"].values()), sched
+    (worker,) = state["workers"]
+    assert not any(worker["per_request"].values())
+    assert 0 < worker["prediction_entries"] <= worker["prediction_capacity"]

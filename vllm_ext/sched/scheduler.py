@@ -103,9 +103,10 @@ class _PredictiveMixin:
     def schedule(self, *args, **kwargs):
         """Apply the policy, then vLLM's schedule. The policy runs only after an event: an
         arrival, new predictions, or a change of the running set (admission, finish,
-        preemption). In between, every running request's remaining length counts down by one
-        per token and waiting keys are fixed, so the order holds and no new preemption can
-        become due (victims only get shorter and less preemptible)."""
+        preemption), or the moment a request passes the starvation bound (`ext_due`). In
+        between, every running request's remaining length counts down by one per token and
+        waiting keys are fixed, so the order holds and no new preemption can become due
+        (victims only get shorter and less preemptible)."""
         if not self.ext_policy.reorders:
             return super().schedule(*args, **kwargs)
         self.ext_now = time.time()  # the clock of request.arrival_time
@@ -197,6 +198,16 @@ class _PredictiveMixin:
         logger.info("vllm-ext PredictiveScheduler: live config %s (policy %s)",
                     config.live_dict(), policy.name)
         return self.ext_get_config()
+
+    def ext_get_state(self) -> dict:
+        """Sizes of every per-request structure and the free KV blocks (lifetime checks:
+        after the engine drains, per_request is all zeros and free_blocks is back)."""
+        policy = {f"policy.{k}": len(v) for k, v in vars(self.ext_policy).items()
+                  if isinstance(v, dict)}
+        return {"requests": len(self.requests),
+                "free_blocks": self.kv_cache_manager.block_pool.get_num_free_blocks(),
+                "per_request": {"predictions": len(self.ext_predictions),
+                                "waiting_keys": len(self.ext_waiting_keys), **policy}}
 
     def ext_get_stats(self) -> dict:
         return {**self.ext_stats.to_dict(), "policy": self.ext_policy.name,

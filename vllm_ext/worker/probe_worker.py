@@ -218,6 +218,16 @@ class ProbeWorker(_BaseWorker):
         return {"probe_every": self.ext_config.probe_every,
                 "probes_running": bool(self.ext_probes) and self.ext_config.needs_probes()}
 
+    def ext_get_state(self) -> dict:
+        """Per-request structures (zero once the engine drains) and the bounded LRU of
+        predictions the server reads after a request ends (at most its capacity)."""
+        store = getattr(self, "ext_store", None)
+        capture = getattr(self, "ext_capture", None)
+        return {"per_request": {"awaiting_first_probe": len(getattr(self, "ext_awaiting", ())),
+                                "capture_rows": len(capture.rows) if capture else 0},
+                "prediction_entries": len(store.entries) if store else 0,
+                "prediction_capacity": store.capacity if store else 0}
+
     def ext_stats(self) -> dict:
         return {"probe_runs": self.ext_probe_runs, "probe_rows": self.ext_probe_rows,
                 "probe_seconds": self.ext_probe_seconds, "probes_loaded": len(self.ext_probes)}
