@@ -48,7 +48,7 @@ def run(spec: dict) -> dict:
             params = SamplingParams(max_tokens=r["max_tokens"], temperature=0.0,
                                     ignore_eos=r.get("ignore_eos", False),
                                     extra_args=r.get("xargs"))
-            engine.add_request(r["id"], r["prompt"], params)
+            engine.add_request(r["id"], r["prompt"], params, priority=r.get("priority", 0))
         for out in engine.step():
             if out.finished:
                 result["finish_order"].append(out.request_id)

@@ -133,3 +133,21 @@ def test_lifetime_every_policy_leaves_no_state_and_returns_every_block(model_pat
         kv_preemptions = phase["stats"]["preemptions"]["kv_pressure"]
     # the counters are cumulative over the engine's life: both preemption paths were taken
     assert policy_preemptions >= 1 and kv_preemptions >= 1
+
+
+@pytest.mark.parametrize("policy", ["oracle", "trail"])
+def test_request_priorities_come_before_the_policys_order(model_path, policy):
+    """vLLM's `priority` (lower first) is honoured by the reordering policies under vLLM's
+    default FCFS queue, with the policy's own order inside a priority level."""
+    reqs = [{"id": name, "prompt": f"{name} 12+34=", "max_tokens": n, "ignore_eos": True,
+             "priority": prio, "xargs": {"ext_true_output_len": n}}
+            for name, prio, n in (("p1-long", 1, 40), ("p0-long", 0, 48), ("p1-short", 1, 4),
+                                  ("p0-short", 0, 6))]
+    result = run_engine_job({"model": model_path, "max_num_seqs": 1, "requests": reqs,
+                             "scheduler": "ext", "worker": "ext", "ext": {"policy": policy}})
+    order = result["finish_order"]
+    assert order[:2] == ["p0-short", "p0-long"] or policy == "trail" and set(order[:2]) == {
+        "p0-short", "p0-long"}  # trail's prompt-only guess may rank the two p0 either way
+    assert set(order[2:]) == {"p1-short", "p1-long"}
+    if policy == "oracle":
+        assert order == ["p0-short", "p0-long", "p1-short", "p1-long"]

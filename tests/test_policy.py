@@ -91,7 +91,7 @@ def _adapter(requests):
     s.requests, s.running, s.waiting = {}, [], FCFSRequestQueue()
     for rid, arrival, true_len in requests:
         r = SimpleNamespace(request_id=rid, arrival_time=arrival, num_prompt_tokens=5,
-                            status=RequestStatus.WAITING, prompt_token_ids=[1, 2, 3],
+                            status=RequestStatus.WAITING, prompt_token_ids=[1, 2, 3], priority=0,
                             num_output_tokens=0, max_tokens=100, num_preemptions=0,
                             sampling_params=SimpleNamespace(extra_args={"ext_true_output_len": true_len}))
         s.requests[rid] = r
@@ -240,3 +240,17 @@ def test_a_request_passing_its_starvation_bound_is_reordered_without_another_eve
     time.sleep(0.35)
     s.schedule()  # no arrival, prediction or running change: the deadline alone re-sorts
     assert [r.request_id for r in s.waiting] == ["long", "short"]
+
+
+def test_priority_levels_come_first_and_are_strict_for_preemption():
+    p = OraclePolicy()
+
+    def v(rid, prio, true_len, out=0):
+        return RequestView(rid, 0.0, 5, out, 100, 0, true_len, priority=prio)
+    views = [v("low-short", 1, 3), v("high-long", 0, 90), v("high-short", 0, 10)]
+    assert [x.request_id for x in sorted(views, key=p.sort_key)] == [
+        "high-short", "high-long", "low-short"]
+    # a higher-priority candidate preempts whatever the remaining lengths; a lower one never
+    assert p.choose_victim(v("c", 0, 80), [v("r", 1, 20)]).request_id == "r"
+    assert p.choose_victim(v("c", 1, 1), [v("r", 0, 90)]) is None
+    assert p.choose_victim(v("c", 0, 5), [v("r", 0, 90)]).request_id == "r"  # SRPT within

@@ -155,7 +155,8 @@ def test_preemptions_counted_by_cause_and_recompute_charged_like_the_engine():
     for charged in (False, True):
         cfg = ReplicaConfig(max_num_seqs=2, max_num_batched_tokens=512, preemption_cost=charged,
                             cost=StepCost(0.002, 2e-3, 0.0))  # a recomputed token = 1/3 step
-        rep = Replica(cfg, NoisyTrailPolicy(sigma_initial=0.0, sigma_refined=0.0))
+        rep = Replica(cfg, NoisyTrailPolicy(sigma_initial=0.0, sigma_refined=0.0,
+                                            tail_factor=0.0))  # the cost rule alone
         pending = [copy.copy(r) for r in reqs]
         while pending or rep.busy():
             if pending and (not rep.busy() or pending[0].arrival_s <= rep.now):

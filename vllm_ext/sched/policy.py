@@ -6,7 +6,9 @@ A policy sees `RequestView`s (plain snapshots of a request) and answers two ques
   * `choose_victim(candidate, running)`: whether the best waiting request should preempt a
     running one now, and which.
 A policy with `reorders = False` is never consulted for order, so vLLM's own FCFS path runs
-untouched (this is how `fcfs` reproduces stock vLLM exactly).
+untouched (this is how `fcfs` reproduces stock vLLM exactly). SRPT policies honour vLLM's
+request ``priority`` first (lower value first, strict levels: a waiting request preempts only
+a lower-priority or equal-priority-and-longer one), and their own order within a level.
 
 Policies here:
   * `fcfs`   - vLLM's first-come-first-served, unchanged.
@@ -36,6 +38,7 @@ class RequestView:
     true_output_len: int | None = None
     predictions: dict[str, float] = field(default_factory=dict)
     now: float = 0.0  # the clock arrival_time is on (engine: time.time(); simulator: its own)
+    priority: int = 0  # vLLM's request priority: lower runs first, before any policy order
 
     @property
     def true_remaining(self) -> float:
@@ -85,7 +88,7 @@ class SrptPolicy(Policy):
         raise NotImplementedError
 
     def sort_key(self, view: RequestView) -> tuple:
-        return (self.remaining(view), view.arrival_time, view.request_id)
+        return (view.priority, self.remaining(view), view.arrival_time, view.request_id)
 
     def preemptible(self, view: RequestView) -> bool:
         return view.num_preemptions < self.max_preemptions_per_request
@@ -97,6 +100,8 @@ class SrptPolicy(Policy):
         if not pool:
             return None
         victim = max(pool, key=self.sort_key)
+        if candidate.priority != victim.priority:  # priority levels are strict
+            return victim if candidate.priority < victim.priority else None
         if (self.remaining(candidate) + self.margin + self.recompute_cost(victim)
                 < self.remaining(victim)):
             return victim

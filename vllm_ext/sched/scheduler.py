@@ -246,6 +246,7 @@ class _PredictiveMixin:
             true_output_len=true_len if isinstance(true_len, int) else None,
             predictions=self.ext_predictions.get(request.request_id, {}),
             now=self.ext_now,
+            priority=request.priority,
         )
 
     def _apply_policy(self) -> None:

@@ -211,5 +211,5 @@ class TrailPolicy(SrptPolicy):
 
     def sort_key(self, view: RequestView) -> tuple:
         if self.overdue(view):
-            return (0, view.arrival_time, view.request_id)
-        return (1, *super().sort_key(view))
+            return (view.priority, 0, view.arrival_time, view.request_id)
+        return (view.priority, 1, *super().sort_key(view)[1:])
