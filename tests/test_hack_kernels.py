@@ -4,27 +4,48 @@ Caches are filled through the production write path (``HackPlanner`` + ``apply_w
 ragged lengths, chunked prefill, partial blocks, sink tokens and an open partition.
 Tolerances (relative = ||o - dense|| / ||dense||, on K with outlier channels and normal V):
 
-* kernel vs torch reference: max abs <= 1e-3 (same arithmetic, fp32 dots in the interpreter);
+* kernel vs torch reference: max abs <= 1e-5, measured <= 2.2e-6 (same arithmetic, fp32 dots
+  in the interpreter); without triton installed only this comparison is skipped;
 * reference vs dequantize-then-attend (the error of 8-bit Q and P alone): relative <= 4%;
 * reference vs dense: relative <= 4% (8 bits), 16% (4 bits), 50% (2 bits); max abs <= 0.2,
   0.8, 3.0 (outputs are O(1)). Measured on the decode cases: relative 1.9-2.5% / 6.7-8.9% /
   35-43%, of which the 8-bit Q and P contribute 1.6-2.4% (``scripts/bench_hack.py`` for more).
 """
+import contextlib
 import os
 import subprocess
 import sys
 import tempfile
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+# Triton decides at @jit time (module import) whether to interpret, so the variable is set
+# only around importing the kernel, then restored: engine subprocesses started by later tests
+# must not inherit it (the fresh-process path in `kernel` passes it explicitly).
+@contextlib.contextmanager
+def _interpreting():
+    """TRITON_INTERPRET=1 only inside: triton reads it at @jit time and again at launch."""
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = before
 
-pytest.importorskip("triton")
+
+with _interpreting():
+    try:
+        from vllm_ext.kernels.hack_attention import hack_attention
+        HAS_TRITON = True
+    except ImportError:  # no triton: the format and reference tests still run
+        HAS_TRITON = False
 
 from vllm_ext.config import ExtConfig, ExtConfigError  # noqa: E402
 from vllm_ext.kernels import reference as ref  # noqa: E402
-from vllm_ext.kernels.hack_attention import hack_attention  # noqa: E402
 from vllm_ext.kernels.kv_store import HackBatch, HackCache, HackPlanner, apply_writes  # noqa: E402
 from vllm_ext.kernels.quant import (HackLayout, dequantize_records, encode_records,  # noqa: E402
                                     pack_codes, unpack_codes)
@@ -90,7 +111,8 @@ def kernel(q, cache, batch, scale, out=None):
     interpreted and triton cannot be re-imported: run the kernel in a fresh process instead."""
     import triton.language as tl
     if type(tl.zeros).__name__ == "InterpretedFunction":
-        return hack_attention(q, cache, batch, scale, out)
+        with _interpreting():
+            return hack_attention(q, cache, batch, scale, out)
     with tempfile.TemporaryDirectory() as tmp:
         inp, res = os.path.join(tmp, "in.pt"), os.path.join(tmp, "out.pt")
         torch.save((q, cache, batch, scale), inp)
@@ -122,10 +144,11 @@ def _check(sim, batch, bits, Hq, reqs=None):
     q = torch.randn(int(batch.query_start_loc[-1]), Hq, D, generator=sim.g)
     scale = D ** -0.5
     out_ref = ref.hack_attention_ref(q, sim.cache, batch, scale)
-    out_k = kernel(q, sim.cache, batch, scale)
+    if HAS_TRITON:  # measured <= 2.2e-6 (same arithmetic, fp32 dots in the interpreter)
+        out_k = kernel(q, sim.cache, batch, scale)
+        assert (out_k - out_ref).abs().max().item() <= 1e-5
     out_dq = ref.dequant_attention(q, sim.cache, batch, scale)
     dense = sim.dense(q, batch, reqs, scale)
-    assert (out_k - out_ref).abs().max().item() <= 1e-3
     assert _rel(out_ref, out_dq) <= 0.04
     assert _rel(out_ref, dense) <= REL_TOL[bits]
     assert (out_ref - dense).abs().max().item() <= ABS_TOL[bits]
