@@ -11,7 +11,7 @@ from vllm_ext.server.middleware import BadExtArgs, validate_xargs
     {"vllm_xargs": {"ext_true_output_len": 0, "ext_return_predictions": True}},
 ])
 def test_valid_xargs(body):
-    validate_xargs(body)
+    assert validate_xargs(body) == body.get("vllm_xargs")  # the request's own xargs, unchanged
 
 
 @pytest.mark.parametrize("xargs, needle", [

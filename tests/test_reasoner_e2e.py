@@ -76,4 +76,5 @@ def test_served_model_answers_easy_tasks(tmp_path):
                           timeout=600)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("CORRECT ")), None)
     assert line is not None, (proc.stdout + proc.stderr)[-3000:]
-    assert int(line.split()[1]) >= 12  # >= 50% of 24 easy tasks, tool loop included
+    # the README's table says 99% at difficulty 1 (160 tasks): 21 of 24 leaves room for 3 misses
+    assert int(line.split()[1]) >= 21, line

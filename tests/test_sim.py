@@ -26,6 +26,7 @@ def test_no_request_lost_and_kv_within_budget(policy, replicas, router):
     reqs = _requests(300, rate=30.0, seed=3)
     done = simulate(reqs, cfg, lambda: make_policy(policy), replicas, router)
     assert sorted(r.request_id for r in done) == sorted(r.request_id for r in reqs)
+    assert sum(r.preemptions for r in done) > 0  # the 24-block budget was binding
     for r in done:
         assert r.generated == r.output_len and r.arrival_s <= r.first_token_s <= r.finish_s
 
