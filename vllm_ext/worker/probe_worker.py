@@ -104,10 +104,12 @@ class ProbeWorker(_BaseWorker):
     def execute_model(self, scheduler_output):
         if not self.ext_buffers:
             return super().execute_model(scheduler_output)
+        probing = self.ext_config.needs_probes()
         for new in scheduler_output.scheduled_new_reqs:
             params = new.sampling_params
             self.ext_store.start(new.req_id, params.extra_args if params else None)
-            self.ext_awaiting.add(new.req_id)
+            if probing:  # probed in this step (end of its first chunk), so never left behind;
+                self.ext_awaiting.add(new.req_id)  # after a live switch: at the next k-th step
         self.ext_awaiting.difference_update(scheduler_output.finished_req_ids)
         output = super().execute_model(scheduler_output)
         self.ext_pending = None
