@@ -66,6 +66,10 @@ class Policy:
         none); compared with the actual length at finish for `/metrics`."""
         return None
 
+    def calibrate(self, step_s: float, recompute_steps_per_token: float) -> None:
+        """The engine's (or simulator's) step cost now: seconds per decode step and decode
+        steps per recomputed token. Policies that read neither ignore it."""
+
 
 class FcfsPolicy(Policy):
     name = "fcfs"
@@ -106,6 +110,10 @@ class SrptPolicy(Policy):
                 < self.remaining(victim)):
             return victim
         return None
+
+    def calibrate(self, step_s: float, recompute_steps_per_token: float) -> None:
+        if self.charges_recompute:
+            self.recompute_steps_per_token = recompute_steps_per_token
 
     def recompute_cost(self, victim: RequestView) -> float:
         """Decode steps the victim's re-prefill (prompt + tokens generated so far) costs."""

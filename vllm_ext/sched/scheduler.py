@@ -250,12 +250,10 @@ class _PredictiveMixin:
         )
 
     def _apply_policy(self) -> None:
-        if getattr(self.ext_policy, "charges_recompute", False):
-            self.ext_policy.recompute_steps_per_token = (
-                self.ext_step_cost.steps_per_token(len(self.running))
-                if self.ext_config.preemption_cost else 0.0)
-        if hasattr(self.ext_policy, "step_s"):
-            self.ext_policy.step_s = self.ext_step_cost.step_s(len(self.running))
+        batch = len(self.running)
+        self.ext_policy.calibrate(self.ext_step_cost.step_s(batch),
+                                  self.ext_step_cost.steps_per_token(batch)
+                                  if self.ext_config.preemption_cost else 0.0)
         views = {r.request_id: self.view(r) for r in self.running}
         self.ext_due["running"] = min((self._due(v) for v in views.values()), default=math.inf)
         self.running.sort(key=lambda r: self.ext_policy.sort_key(views[r.request_id]))

@@ -199,6 +199,10 @@ class TrailPolicy(SrptPolicy):
         return (super().preemptible(view) and not self.overdue(view)
                 and view.num_output_tokens <= self.preempt_fraction * self.initial(view))
 
+    def calibrate(self, step_s: float, recompute_steps_per_token: float) -> None:
+        super().calibrate(step_s, recompute_steps_per_token)
+        self.step_s = step_s
+
     def overdue_at(self, view: RequestView) -> float:
         """When the request passes the starvation bound (inf: no bound)."""
         if self.tail_factor <= 0 or self.step_s <= 0:

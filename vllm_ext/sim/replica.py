@@ -114,13 +114,10 @@ class Replica:
     def _policy_preemptions(self) -> None:
         if not self.policy.reorders:
             return
-        if hasattr(self.policy, "step_s"):  # starvation bound, on the profile's decode step
-            batch = max(1, len(self.running))
-            self.policy.step_s = self.config.cost.step_time(batch, batch)
-        if getattr(self.policy, "charges_recompute", False):
-            self.policy.recompute_steps_per_token = (
-                self.config.cost.steps_per_token(len(self.running))
-                if self.config.preemption_cost else 0.0)
+        batch = max(1, len(self.running))  # the profile's decode step, as the engine's fit
+        self.policy.calibrate(self.config.cost.step_time(batch, batch),
+                              self.config.cost.steps_per_token(batch)
+                              if self.config.preemption_cost else 0.0)
         self.running.sort(key=self._key)
         self.waiting.sort(key=self._key)
         for _ in range(self.config.max_preemptions_per_step):

@@ -117,7 +117,7 @@ class ProbeWorker(_BaseWorker):
             try:
                 if self.ext_capture.layers:
                     self._capture()
-                if self.ext_probes and self.ext_config.needs_probes():
+                if self.ext_probes and probing:
                     self.ext_pending = self._run_probes()
             except Exception:
                 logger.exception("vllm-ext: probe failed; disabling probes")
