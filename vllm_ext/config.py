@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 CONFIG_KEY = "vllm_ext"
-POLICIES = ("fcfs", "oracle", "trail", "spjf")
+POLICIES = ("fcfs", "oracle", "trail", "spjf", "hrrn")
 MOE_ROUTERS = ("topk", "laser", "least_loaded")
 LASER_BANDS = ("early", "middle", "late")  # thirds of the decoder layers
 LASER_BAND_KEYS = {"eps_high": float, "entropy_max": float, "pool_threshold": float,

@@ -340,18 +340,18 @@ class PredictiveScheduler(_PredictiveMixin, AsyncScheduler):
 
 
 def build_policy(ext: ExtConfig, model_config) -> Policy:
-    """The policy object for this engine; a TRAIL policy without a usable length probe falls
-    back to FCFS with a warning (the engine keeps serving)."""
+    """The policy object for this engine; a TRAIL (or HRRN) policy without a usable length
+    probe falls back to FCFS with a warning (the engine keeps serving)."""
     common = dict(margin=ext.preemption_margin,
                   max_preemptions_per_request=ext.max_preemptions_per_request)
-    if ext.policy not in ("trail", "spjf"):
+    if ext.policy not in ("trail", "spjf", "hrrn"):
         return make_policy(ext.policy, **common)
     from vllm_ext.probes.base import load_probe, model_fingerprint, shipped_probe_path
     from vllm_ext.sched.trail import LengthBins, PromptModel, TrailPolicy
 
     try:
         fingerprint = model_fingerprint(model_config.hf_config, model_config.model)
-        # spjf needs only the prompt model, but it ships in the same length-probe file
+        # spjf and hrrn need only the prompt model, but it ships in the length-probe file
         paths = list(ext.probe_paths) or [shipped_probe_path("length", fingerprint)]
         probes = [load_probe(p, fingerprint) for p in paths if p is not None]
         length = next(p for p in probes if p.kind == "length")
@@ -361,9 +361,14 @@ def build_policy(ext: ExtConfig, model_config) -> Policy:
                        ext.policy, str(exc) or "no length probe found")
         return FcfsPolicy()
     prompt = length.meta.get("prompt_model")
-    return TrailPolicy(bins=LengthBins(tuple(length.meta["bin_edges"])),
-                       prompt_model=PromptModel(tuple(prompt["coef"]), prompt["buckets"])
-                       if prompt else None,
+    prompt_model = PromptModel(tuple(prompt["coef"]), prompt["buckets"]) if prompt else None
+    bins = LengthBins(tuple(length.meta["bin_edges"]))
+    if ext.policy == "hrrn":  # HRRN on spjf's estimate: prompt-only, counted down per token
+        from vllm_ext.sched.hrrn import HrrnPolicy
+
+        return HrrnPolicy(estimator=TrailPolicy(bins=bins, prompt_model=prompt_model,
+                                                refine=False, tail_factor=0.0))
+    return TrailPolicy(bins=bins, prompt_model=prompt_model,
                        preempt_fraction=ext.trail_preempt_fraction,
                        smoothing=ext.trail_smoothing, refine=ext.policy == "trail",
                        tail_factor=ext.trail_tail_factor, **common)

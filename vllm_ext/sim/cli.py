@@ -19,6 +19,7 @@ import numpy as np
 
 from vllm_ext.bench.workload import arrival_times
 from vllm_ext.config import ExtConfig
+from vllm_ext.sched.hrrn import HrrnPolicy
 from vllm_ext.sched.policy import make_policy
 from vllm_ext.sched.trail import LengthBins
 from vllm_ext.sim.cluster import ROUTERS, latency_stats, simulate
@@ -32,7 +33,11 @@ def _policy(name: str, cap: int = 10**9, sigma: tuple[float, float] | None = Non
             recorded: RecordedPredictions | None = None, **trail_args):
     """``fcfs``/``oracle`` as in the engine; ``trail``/``spjf`` as TRAIL's policy on the probe's
     recorded outputs (`vllm_ext.sim.recorded`) when given, else on noisy predicted lengths
-    (`vllm_ext.sim.predicted`; log-normal sigmas initial, refined)."""
+    (`vllm_ext.sim.predicted`; log-normal sigmas initial, refined); ``hrrn`` on spjf's estimate
+    from the same source, as in the engine (`vllm_ext.sched.hrrn`)."""
+    if name == "hrrn":
+        spjf = _policy("spjf", cap, sigma, recorded, **{**trail_args, "tail_factor": 0.0})
+        return lambda: HrrnPolicy(estimator=spjf())
     if name in ("trail", "spjf") and recorded is not None:
         return lambda: RecordedTrailPolicy(
             bins=LengthBins(recorded.bin_edges), refine=name == "trail", recorded=recorded,
@@ -212,7 +217,7 @@ def cmd_scale(args) -> None:
 
 def _add_sigma_args(parser) -> None:
     parser.add_argument("--sigma-initial", type=float, default=NoisyTrailPolicy.sigma_initial,
-                        help="trail/spjf: log-normal error of the initial length prediction")
+                        help="trail/spjf/hrrn: log-normal error of the initial length prediction")
     parser.add_argument("--sigma-refined", type=float, default=NoisyTrailPolicy.sigma_refined,
                         help="trail: log-normal error of each refreshed remaining prediction")
 
