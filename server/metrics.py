@@ -56,6 +56,17 @@ class ExtCollector:
                 sum_value=sched["error_sum"])
             yield GaugeMetricFamily("vllm_ext_kv_cache_bits", "KV cache bits in use",
                                     value=sched["kv_bits"])
+            tools = sched.get("tools") or {}
+            pauses = CounterMetricFamily("vllm_ext_tool_pauses", "requests paused for a tool "
+                                         "call, by KV handling", labels=["handling"])
+            for handling, n in (tools.get("pauses") or {}).items():
+                pauses.add_metric([handling], n)
+            yield pauses
+            yield CounterMetricFamily("vllm_ext_tool_pause_seconds", "time requests spent "
+                                      "paused for tool calls", value=tools.get("pause_seconds", 0))
+            yield CounterMetricFamily("vllm_ext_tool_recompute_tokens", "context tokens "
+                                      "re-prefilled after a discarded pause",
+                                      value=tools.get("recompute_tokens", 0))
             cost = sched.get("step_cost") or {}
             if cost.get("base_s") is not None:
                 fit = GaugeMetricFamily("vllm_ext_step_cost_seconds", "engine step cost fitted "

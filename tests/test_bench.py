@@ -158,3 +158,40 @@ def test_length_latency_plot(tmp_path):
     assert (tmp_path / "by-length.png").stat().st_size > 1000
     plot_length_latency(tmp_path / "empty.png", {"x": []})  # nothing to draw: no file, no error
     assert not (tmp_path / "empty.png").exists()
+
+
+def test_serve_time_is_e2e_less_tool_time():
+    recs = [RequestRecord(index=i, arrival_s=i, ttft_s=0.1, e2el_s=2.0 + i, output_tokens=5,
+                          meta={"tool_s": 1.0 * i}) for i in range(3)]
+    s = summarize(recs, duration_s=10.0)
+    assert s["mean_serve_ms"] == pytest.approx(2000.0)  # e2e 2, 3, 4 s less tools 0, 1, 2 s
+    assert s["mean_e2el_ms"] == pytest.approx(3000.0)
+    assert "mean_serve_ms" not in summarize([RequestRecord(0, 0, ttft_s=0.1, e2el_s=1.0)], 1.0)
+
+
+def test_tool_requests_carry_ext_tools():
+    from vllm_ext.bench.loadgen import request_body
+    from vllm_ext.bench.workload import testbed_requests
+
+    reqs = testbed_requests(6, 2.0, seed=1, tools=True)
+    assert {r.meta["kind"] for r in reqs} <= {"calc", "lookup"}
+    body = request_body("m", reqs[0], send_true_len=False, ignore_eos=False)
+    assert body["vllm_xargs"] == {"ext_tools": True}
+    plain = testbed_requests(6, 2.0, seed=1)[0]
+    assert "ext_tools" not in request_body("m", plain, True, False).get("vllm_xargs", {})
+
+
+def test_counters_parsed_by_label():
+    from vllm_ext.bench.live import parse_counters
+
+    text = "\n".join([
+        '# TYPE vllm_ext_preemptions_total counter',
+        'vllm_ext_preemptions_total{cause="policy"} 3.0',
+        'vllm_ext_preemptions_total{cause="kv_pressure"} 1.0',
+        '# TYPE vllm_ext_tool_pauses_total counter',
+        'vllm_ext_tool_pauses_total{handling="preserve"} 5.0',
+        'vllm_ext_tool_pauses_total{handling="discard"} 7.0', ""])
+    got = parse_counters(text)
+    assert (got["preemptions_policy"], got["preemptions_kv_pressure"]) == (3.0, 1.0)
+    assert (got["tool_preserve"], got["tool_discard"]) == (5.0, 7.0)
+    assert got["probe_runs"] == 0.0

@@ -13,7 +13,8 @@ import json
 import os
 import sys
 
-from vllm_ext.config import KV_BITS, KV_PARTITIONS, MOE_ROUTERS, POLICIES, ExtConfig, ExtConfigError
+from vllm_ext.config import (KV_BITS, KV_PARTITIONS, MOE_ROUTERS, POLICIES, TOOL_HANDLINGS,
+                             ExtConfig, ExtConfigError)
 from vllm_ext.config import parse_laser_bands
 from vllm_ext.server.admin import TOKEN_ENV
 
@@ -46,6 +47,7 @@ def ext_arg_parser() -> argparse.ArgumentParser:
                    help="trail/spjf: no starvation bound (plain SRPT order)")
     g.add_argument("--ext-no-preemption-cost", action="store_true",
                    help="trail/spjf: do not charge the victim's recompute against a preemption")
+    _add_tool_flags(g)
     g.add_argument("--ext-admin-token", metavar="TOKEN",
                    help="enable POST /v1/ext/admin/config (live policy switch) for callers "
                         "sending 'Authorization: Bearer TOKEN' (or set VLLM_EXT_ADMIN_TOKEN)")
@@ -65,6 +67,27 @@ def ext_arg_parser() -> argparse.ArgumentParser:
                    metavar="PI", help="HACK: tokens per K quantization partition "
                                       "(must divide --block-size)")
     return p
+
+
+def _add_tool_flags(g) -> None:
+    d = ExtConfig
+    g.add_argument("--ext-tool-handling", choices=TOOL_HANDLINGS, default=d.tool_handling,
+                   help="KV of a request paused for a tool call (vllm_xargs ext_tools): keep "
+                        "it, free it (recompute on resume), or least waste per call "
+                        "(policy lamps implies min_waste)")
+    g.add_argument("--ext-tools", default="", metavar="MODULE:OBJ",
+                   help="extra server-side tools: a dict name -> callable(arg) -> str")
+    g.add_argument("--ext-tool-latency", default="", metavar="NAME=LAT[,...]",
+                   help="simulated tool durations, LAT = S | exp:MEAN | uniform:LO-HI seconds "
+                        "(default: the testbed's calc 0.05 s, lookup 0.8 s)")
+    g.add_argument("--ext-tool-http-base", default="", metavar="URL",
+                   help="loopback base URL of the built-in http tool")
+    g.add_argument("--ext-tool-timeout", type=float, default=d.tool_timeout_s, metavar="S",
+                   help="a tool call running longer returns an error result")
+    g.add_argument("--ext-tool-max-calls", type=int, default=d.tool_max_calls,
+                   help="tool calls per request; the request then finishes")
+    g.add_argument("--ext-lamps-starvation-steps", type=int, default=d.lamps_starvation_steps,
+                   help="lamps: a request waiting this many steps goes first")
 
 
 def _add_laser_flags(g) -> None:
@@ -117,6 +140,13 @@ def ext_config_from_args(ns: argparse.Namespace) -> ExtConfig:
         "moe_ep_devices": ns.ext_moe_ep_devices,
         "kv_bits": ns.ext_kv_bits,
         "kv_partition": ns.ext_kv_partition,
+        "tool_handling": ns.ext_tool_handling,
+        "tools": ns.ext_tools,
+        "tool_latency": ns.ext_tool_latency,
+        "tool_http_base": ns.ext_tool_http_base,
+        "tool_timeout_s": ns.ext_tool_timeout,
+        "tool_max_calls": ns.ext_tool_max_calls,
+        "lamps_starvation_steps": ns.ext_lamps_starvation_steps,
     })
 
 
@@ -178,6 +208,11 @@ def serve(argv: list[str]) -> None:
     try:
         ext = ext_config_from_args(ns)
     except ExtConfigError as exc:
+        ext_parser.error(str(exc))
+    try:
+        from vllm_ext.tools.registry import Registry
+        Registry.build(ext.tools, ext.tool_latency, ext.tool_http_base)
+    except ValueError as exc:  # ToolSpecError names the flag
         ext_parser.error(str(exc))
     vllm_argv = build_vllm_argv(rest, ext)
     check_probes(ext_parser, vllm_argv[0], ext)

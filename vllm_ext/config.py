@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 CONFIG_KEY = "vllm_ext"
-POLICIES = ("fcfs", "oracle", "trail", "spjf", "hrrn")
+POLICIES = ("fcfs", "oracle", "trail", "spjf", "lamps", "hrrn")
 MOE_ROUTERS = ("topk", "laser", "least_loaded")
 LASER_BANDS = ("early", "middle", "late")  # thirds of the decoder layers
 LASER_BAND_KEYS = {"eps_high": float, "entropy_max": float, "pool_threshold": float,
                    "pool_max": int, "rounds": int}
+TOOL_HANDLINGS = ("preserve", "discard", "min_waste")  # KV of a request paused for a tool call
 KV_BITS = (16, 8, 4, 2)
 KV_PARTITIONS = (32, 64, 128)  # HACK: tokens per K quantization partition
 # Settings that may change on a live server between steps (`vllm_ext.server.admin`): the
@@ -25,7 +26,8 @@ KV_PARTITIONS = (32, 64, 128)  # HACK: tokens per K quantization partition
 # structure: MoE layers, KV format, which probes are loaded) are fixed at engine start.
 LIVE_FIELDS = ("policy", "preemption_margin", "max_preemptions_per_request",
                "max_preemptions_per_step", "trail_preempt_fraction", "trail_smoothing",
-               "preemption_cost", "trail_tail_factor", "probe_every")
+               "preemption_cost", "trail_tail_factor", "probe_every", "tool_handling",
+               "lamps_starvation_steps")
 
 
 class ExtConfigError(ValueError):
@@ -54,6 +56,16 @@ class ExtConfig:
     # workers load every probe a live policy switch may need, and run them only while the
     # active policy reads them (set by `vllm-ext serve --ext-admin-token`)
     live_config: bool = False
+    # Tool calls inside the server (LAMPS: vllm_ext/tools, vllm_ext/sched/lamps.py)
+    tools: str = ""                # module:obj with extra tools (dict name -> callable)
+    tool_latency: str = ""         # "calc=0.05,lookup=exp:0.8": simulated API durations
+    tool_http_base: str = ""       # loopback base URL of the built-in http tool
+    tool_timeout_s: float = 30.0
+    tool_max_calls: int = 8
+    # KV of a paused request: keep it, free it (recompute on resume; the prefix cache may
+    # hit), or the least waste per call (InferCept's rule); policy lamps implies min_waste
+    tool_handling: str = "preserve"
+    lamps_starvation_steps: int = 100  # lamps: a request waiting this many steps goes first
     # Prediction channel (ProbeWorker)
     probe_paths: tuple[str, ...] = ()
     probe_every: int = 8
@@ -86,6 +98,10 @@ class ExtConfig:
         _check_range("probe_every", self.probe_every, 1)
         _check_range("trail_preempt_fraction", self.trail_preempt_fraction, 0.0)
         _check_range("trail_tail_factor", self.trail_tail_factor, 0.0)
+        _check_choice("tool_handling", self.tool_handling, TOOL_HANDLINGS)
+        _check_range("tool_timeout_s", self.tool_timeout_s, 0.001)
+        _check_range("tool_max_calls", self.tool_max_calls, 0)
+        _check_range("lamps_starvation_steps", self.lamps_starvation_steps, 1)
 
     # ---- (de)serialisation -------------------------------------------------------------
     @classmethod
@@ -136,7 +152,7 @@ class ExtConfig:
     def needs_probes(self) -> bool:
         """Whether workers run their probes under this config: explicit probe files, or a
         policy that refines on the length probe."""
-        return bool(self.probe_paths) or self.policy == "trail"
+        return bool(self.probe_paths) or self.policy in ("trail", "lamps")
 
     def to_additional_config(self) -> str:
         return json.dumps({CONFIG_KEY: self.to_dict()})

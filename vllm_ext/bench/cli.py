@@ -34,6 +34,8 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cv", type=float, default=1.0, help="gamma arrivals: CV of the gaps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--tools", action="store_true",
+                   help="testbed tool tasks only, their calls run in the server (LAMPS)")
     p.add_argument("--warmup", type=int, default=0, help="leading requests left out of stats")
     p.add_argument("--duration", type=float, help="send only requests arriving before this (s)")
     p.add_argument("--ignore-eos", action="store_true")
@@ -51,7 +53,7 @@ def _requests(args, rate: float):
         except TraceError as exc:
             sys.exit(f"vllm-ext bench: --trace: {exc}")
     return testbed_requests(args.num_requests, rate, args.seed, args.arrival, args.cv,
-                            args.max_tokens)
+                            args.max_tokens, tools=args.tools)
 
 
 def _measure(base_url: str, model: str, args, rate: float):

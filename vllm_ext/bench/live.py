@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import httpx
 
-COUNTERS = {  # prometheus sample name (+ label) -> field in a bench summary row
-    ("vllm_ext_preemptions_total", "policy"): "preemptions_policy",
-    ("vllm_ext_preemptions_total", "kv_pressure"): "preemptions_kv_pressure",
-    ("vllm:num_preemptions_total", None): "preemptions_vllm",
-    ("vllm_ext_probe_runs_total", None): "probe_runs",
-    ("vllm_ext_probe_seconds_total", None): "probe_seconds",
+COUNTERS = {  # (prometheus sample name, label, value) -> field in a bench summary row
+    ("vllm_ext_preemptions_total", "cause", "policy"): "preemptions_policy",
+    ("vllm_ext_preemptions_total", "cause", "kv_pressure"): "preemptions_kv_pressure",
+    ("vllm:num_preemptions_total", None, None): "preemptions_vllm",
+    ("vllm_ext_probe_runs_total", None, None): "probe_runs",
+    ("vllm_ext_probe_seconds_total", None, None): "probe_seconds",
+    ("vllm_ext_tool_pauses_total", "handling", "preserve"): "tool_preserve",
+    ("vllm_ext_tool_pauses_total", "handling", "discard"): "tool_discard",
+    ("vllm_ext_tool_recompute_tokens_total", None, None): "tool_recompute_tokens",
 }
 
 
@@ -30,14 +33,17 @@ def set_config(base_url: str, token: str, config: dict, drain: bool = True,
 
 
 def scrape(base_url: str) -> dict[str, float]:
+    return parse_counters(httpx.get(base_url + "/metrics", timeout=30).text)
+
+
+def parse_counters(text: str) -> dict[str, float]:
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = httpx.get(base_url + "/metrics", timeout=30).text
     out = dict.fromkeys(COUNTERS.values(), 0.0)
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            for (name, cause), field in COUNTERS.items():
-                if sample.name == name and (cause is None or sample.labels.get("cause") == cause):
+            for (name, label, value), field in COUNTERS.items():
+                if sample.name == name and (label is None or sample.labels.get(label) == value):
                     out[field] += sample.value
     return out
 

@@ -23,8 +23,13 @@ def request_body(model: str, req: BenchRequest, send_true_len: bool, ignore_eos:
             "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
     if ignore_eos:
         body["ignore_eos"] = True
+    xargs = {}
     if send_true_len and req.true_output_len is not None:
-        body["vllm_xargs"] = {"ext_true_output_len": req.true_output_len}
+        xargs["ext_true_output_len"] = req.true_output_len
+    if req.meta.get("tools"):
+        xargs["ext_tools"] = True  # tool calls run in the server (vllm_ext.tools.loop)
+    if xargs:
+        body["vllm_xargs"] = xargs
     return body
 
 
@@ -50,6 +55,10 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict, rec: RequestReco
                         rec.itl_s.append(now - last)
                     last = now
                     rec.text += chunk["choices"][0]["text"]
+                calls = (chunk.get("vllm_ext") or {}).get("tool_calls")
+                if calls is not None:  # server-side tool calls (LAMPS): their time
+                    rec.meta["tool_calls"] = len(calls)
+                    rec.meta["tool_s"] = sum(c["seconds"] for c in calls)
                 if chunk.get("usage"):
                     rec.output_tokens = chunk["usage"]["completion_tokens"]
                     rec.prompt_tokens = chunk["usage"]["prompt_tokens"]

@@ -109,6 +109,8 @@ def summarize(records: list[RequestRecord], duration_s: float,
     out.update(_stats("tpot", [r.tpot_s for r in done if r.tpot_s is not None]))
     out.update(_stats("itl", [g for r in done for g in r.itl_s]))
     out.update(_stats("e2el", [r.e2el_s for r in done]))
+    if any("tool_s" in r.meta for r in done):  # e2e less the time in server-side tool calls
+        out.update(_stats("serve", [r.e2el_s - r.meta.get("tool_s", 0.0) for r in done]))
     out.update(_tails(done))
     if slos:
         good = sum(_meets(r, slos) for r in done)

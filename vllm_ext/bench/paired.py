@@ -16,7 +16,8 @@ import random
 import numpy as np
 
 CI_METRICS = ("mean_e2el_ms", "p99_e2el_ms", "mean_ttft_ms", "p99_ttft_ms",
-              "output_throughput", "request_goodput")  # the last only with --goodput
+              "output_throughput", "request_goodput",  # goodput only with --goodput
+              "mean_serve_ms", "p99_serve_ms")  # serve = e2e less tool time (--tools)
 
 
 def block_order(configs: list[str], rounds: int, seed: int) -> list[list[str]]:

@@ -38,7 +38,10 @@ from vllm.v1.request import Request, RequestStatus
 
 from vllm_ext.compat import changed_targets
 from vllm_ext.config import ExtConfig
-from vllm_ext.sched.policy import TRUE_LEN_KEY, FcfsPolicy, Policy, RequestView, make_policy
+from vllm_ext.sched.build import build_policy
+from vllm_ext.sched.lamps import LampsPolicy
+from vllm_ext.sched.pauses import ToolPauses
+from vllm_ext.sched.policy import TRUE_LEN_KEY, FcfsPolicy, RequestView
 from vllm_ext.sched.stats import SchedStats
 from vllm_ext.sched.step_cost import StepCostFit
 
@@ -56,6 +59,15 @@ VLLM_TARGETS: dict[str, tuple[str, str]] = {
         "tuple[dict[str, typing.Any] | None, dict[str, typing.Any] | None]", "024636560a9c7436"),
     _SCHED + "_request_blocks_can_be_freed": (
         "(self, request: vllm.v1.request.Request) -> bool", "9e0d143c4da5adfa"),
+    # tool pauses (vllm_ext.sched.pauses) ride on vLLM's streaming-input sessions
+    _SCHED + "_update_request_as_session": (
+        "(self, session: vllm.v1.request.Request, update: vllm.v1.request.StreamingUpdate) -> "
+        "None", "6ee14a2db5d6fdfe"),
+    _SCHED + "_handle_stopped_request": (
+        "(self, request: vllm.v1.request.Request) -> bool", "88c413835d8fefc0"),
+    _SCHED + "finish_requests": (
+        "(self, request_ids: str | collections.abc.Iterable[str] | None, finished_status: "
+        "vllm.v1.request.RequestStatus) -> list[vllm.v1.request.Request]", "77866ce0b50a3438"),
 }
 
 
@@ -78,6 +90,7 @@ class _PredictiveMixin:
         self.ext_stats = SchedStats()
         self.ext_preempt_cause = "kv_pressure"  # "policy" while _preempt_for preempts
         self.ext_step_cost = StepCostFit()
+        self.ext_pauses = ToolPauses()  # requests paused for a tool call (LAMPS)
         self.ext_last_update: float | None = None  # perf_counter of the last busy step's end
         # starvation bound: the next time a running / waiting request becomes overdue
         self.ext_now = time.time()
@@ -98,7 +111,26 @@ class _PredictiveMixin:
         if on_arrival is not None:
             self._guard(on_arrival, request.request_id, request.prompt_token_ids or [])
         self.ext_dirty = self.ext_waiting_dirty = True
+        self.ext_pauses.on_add(request)
         super().add_request(request)
+
+    def _update_request_as_session(self, session: Request, update) -> None:
+        """A paused request's next input (a tool result) arrived: one whose KV was discarded
+        for the call re-prefills its whole context, from the waiting queue."""
+        discarded = self.ext_pauses.resumed(self, session)
+        super()._update_request_as_session(session, update)
+        self.ext_dirty = self.ext_waiting_dirty = True
+        if discarded:
+            session.num_computed_tokens = 0
+            if session in self.kv_holding_waiting:
+                self.kv_holding_waiting.remove_request(session)
+                self.waiting.add_request(session)
+
+    def finish_requests(self, request_ids, finished_status):
+        if request_ids is not None:
+            request_ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        self.ext_pauses.finishing(self, self.requests if request_ids is None else request_ids)
+        return super().finish_requests(request_ids, finished_status)
 
     def schedule(self, *args, **kwargs):
         """Apply the policy, then vLLM's schedule. The policy runs only after an event: an
@@ -165,6 +197,7 @@ class _PredictiveMixin:
             logger.exception("vllm-ext: prediction error of %s not recorded", req_id)
         self.ext_predictions.pop(req_id, None)
         self.ext_waiting_keys.pop(req_id, None)
+        self.ext_pauses.forget(request)
         forget = getattr(self.ext_policy, "forget", None)
         if forget is not None:
             self._guard(forget, req_id)
@@ -175,6 +208,17 @@ class _PredictiveMixin:
         return super()._preempt_request(request, *args, **kwargs)
 
     # ---- live configuration and stats (EngineCore.ext_scheduler_call) ----------------------
+    def ext_tool_pause(self, session: str, tool: str, predicted_s: float) -> dict:
+        """From the tool loop, before the tool runs: keep or free the paused request's KV."""
+        lamps = isinstance(self.ext_policy, LampsPolicy)
+        done = self.ext_pauses.pause(self, session, tool, float(predicted_s),
+                                     "min_waste" if lamps else self.ext_config.tool_handling)
+        if lamps and done["handling"] is not None:
+            self.ext_policy.tool_users.add(self.ext_pauses.sessions[session])
+            self.ext_policy.call_s = float(predicted_s)
+        self.ext_dirty = self.ext_waiting_dirty = True
+        return done
+
     def ext_get_config(self) -> dict:
         return {**self.ext_config.to_dict(), "active_policy": self.ext_policy.name,
                 "fallback": self.ext_stats.fallback_reason}
@@ -203,15 +247,18 @@ class _PredictiveMixin:
         """Sizes of every per-request structure and the free KV blocks (lifetime checks:
         after the engine drains, per_request is all zeros and free_blocks is back)."""
         policy = {f"policy.{k}": len(v) for k, v in vars(self.ext_policy).items()
-                  if isinstance(v, dict)}
+                  if isinstance(v, (dict, set))}
         return {"requests": len(self.requests),
                 "free_blocks": self.kv_cache_manager.block_pool.get_num_free_blocks(),
+                "paused_sessions": self.num_waiting_for_streaming_input,
                 "per_request": {"predictions": len(self.ext_predictions),
-                                "waiting_keys": len(self.ext_waiting_keys), **policy}}
+                                "waiting_keys": len(self.ext_waiting_keys),
+                                **self.ext_pauses.sizes(), **policy}}
 
     def ext_get_stats(self) -> dict:
         return {**self.ext_stats.to_dict(), "policy": self.ext_policy.name,
-                "kv_bits": self.ext_config.kv_bits, "step_cost": self.ext_step_cost.to_dict()}
+                "kv_bits": self.ext_config.kv_bits, "step_cost": self.ext_step_cost.to_dict(),
+                "tools": self.ext_pauses.to_dict()}
 
     def _guard(self, fn, *args) -> None:
         try:
@@ -337,38 +384,3 @@ class PredictiveScheduler(_PredictiveMixin, AsyncScheduler):
             sync.__init__(*args, **kwargs)  # not an instance of cls: Python won't call it
             return sync
         return super().__new__(cls)
-
-
-def build_policy(ext: ExtConfig, model_config) -> Policy:
-    """The policy object for this engine; a TRAIL (or HRRN) policy without a usable length
-    probe falls back to FCFS with a warning (the engine keeps serving)."""
-    common = dict(margin=ext.preemption_margin,
-                  max_preemptions_per_request=ext.max_preemptions_per_request)
-    if ext.policy not in ("trail", "spjf", "hrrn"):
-        return make_policy(ext.policy, **common)
-    from vllm_ext.probes.base import load_probe, model_fingerprint, shipped_probe_path
-    from vllm_ext.sched.trail import LengthBins, PromptModel, TrailPolicy
-
-    try:
-        fingerprint = model_fingerprint(model_config.hf_config, model_config.model)
-        # spjf and hrrn need only the prompt model, but it ships in the length-probe file
-        paths = list(ext.probe_paths) or [shipped_probe_path("length", fingerprint)]
-        probes = [load_probe(p, fingerprint) for p in paths if p is not None]
-        length = next(p for p in probes if p.kind == "length")
-    except Exception as exc:
-        logger.warning("vllm-ext: policy %s needs a length probe for this model (%s); "
-                       "falling back to FCFS. Train one with `vllm-ext train-probe`.",
-                       ext.policy, str(exc) or "no length probe found")
-        return FcfsPolicy()
-    prompt = length.meta.get("prompt_model")
-    prompt_model = PromptModel(tuple(prompt["coef"]), prompt["buckets"]) if prompt else None
-    bins = LengthBins(tuple(length.meta["bin_edges"]))
-    if ext.policy == "hrrn":  # HRRN on spjf's estimate: prompt-only, counted down per token
-        from vllm_ext.sched.hrrn import HrrnPolicy
-
-        return HrrnPolicy(estimator=TrailPolicy(bins=bins, prompt_model=prompt_model,
-                                                refine=False, tail_factor=0.0))
-    return TrailPolicy(bins=bins, prompt_model=prompt_model,
-                       preempt_fraction=ext.trail_preempt_fraction,
-                       smoothing=ext.trail_smoothing, refine=ext.policy == "trail",
-                       tail_factor=ext.trail_tail_factor, **common)

@@ -1,0 +1,226 @@
+"""The server-side tool loop (LAMPS, arXiv 2410.18248: requests that pause for API calls).
+
+A request sent with ``vllm_xargs: {"ext_tools": true}`` runs its tool calls inside the server:
+it generates until it emits the call marker (``</call>``, a stop token of the turn), pauses in
+the engine, the tool runs off the event loop (thread pool, ``--ext-tool-timeout``), and the
+same engine request resumes with ``</call><result>...</result>`` appended. The client sees one
+completion (streamed or not) whose text holds the calls and results, as the testbed's
+client-side harness would have built it; the calls are listed in the response's ``vllm_ext``
+object (`vllm_ext.server.middleware`). A tool that raises or times out becomes an
+``error: ...`` result; the request never hangs on it.
+
+The pause is vLLM 0.32's own streaming-input session (``AsyncLLM.generate`` given an async
+generator of `StreamingInput`): between turns the engine keeps the request (and, by default,
+its KV blocks) in ``WAITING_FOR_STREAMING_REQ``. Before the tool runs, the loop tells the
+scheduler which tool was called and how long it is predicted to take (`DurationHistory`), so
+the scheduler's handling rule can keep, drop or move the request's KV for the call
+(`vllm_ext.sched.pauses`). `install` wraps the engine client's ``generate`` on the API
+server; requests without ``ext_tools`` pass through untouched.
+"""
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from vllm.logger import init_logger
+
+from vllm_ext.engine_rpc import scheduler_call
+from vllm_ext.testbed.tasks import CALL_CLOSE, CALL_OPEN, RESULT_CLOSE, RESULT_OPEN, parse_call
+from vllm_ext.tools.history import DurationHistory
+from vllm_ext.tools.registry import Registry
+
+logger = init_logger(__name__)
+
+TOOLS_KEY = "ext_tools"            # vllm_xargs: true -> tool calls run in the server
+SESSION_KEY = "ext_tool_session"   # set by the loop on every turn: names the request's pauses
+CALLS_KEEP = 4096                  # finished requests' call lists kept for the middleware
+
+
+@dataclass
+class CallRecord:
+    tool: str
+    arg: str
+    result: str
+    seconds: float
+    predicted_s: float
+    error: bool = False
+
+
+class ToolLoop:
+    def __init__(self, engine_client, registry: Registry, timeout_s: float, max_calls: int):
+        self.client = engine_client
+        self.plain_generate = engine_client.generate
+        self.registry = registry
+        self.timeout_s = timeout_s
+        self.max_calls = max_calls
+        self.history = DurationHistory()
+        self.pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="vllm-ext-tool")
+        self.calls: dict[str, list[CallRecord]] = {}  # by the middleware's request tag
+        self.notice_failed = False
+        tokenizer = engine_client.renderer.tokenizer
+        self.tokenizer = tokenizer
+        ids = tokenizer.encode(CALL_CLOSE, add_special_tokens=False) if tokenizer else []
+        self.close_id = ids[0] if len(ids) == 1 else None
+
+    # ---- the wrapped generate ----------------------------------------------------------------
+    def generate(self, prompt, sampling_params, request_id, **kwargs):
+        extra = getattr(sampling_params, "extra_args", None) or {}
+        if not extra.get(TOOLS_KEY):
+            return self.plain_generate(prompt, sampling_params, request_id, **kwargs)
+        return self._generate_with_tools(prompt, sampling_params, request_id, **kwargs)
+
+    def check(self, sampling_params) -> None:
+        """Why this request cannot run its tools in the server (ValueError), or nothing."""
+        if self.close_id is None:
+            raise ValueError(f"ext_tools: the model's tokenizer has no single {CALL_CLOSE} "
+                             "token to pause on")
+        if sampling_params.n > 1 or sampling_params.stop or sampling_params.logprobs:
+            raise ValueError("ext_tools: not supported with n > 1, stop strings or logprobs")
+
+    async def _generate_with_tools(self, prompt, sampling_params, request_id, **kwargs):
+        from vllm.engine.protocol import StreamingInput
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        self.check(sampling_params)
+        caller_kind = sampling_params.output_kind
+        session = uuid.uuid4().hex
+        budget = sampling_params.max_tokens
+        turn = _turn_params(sampling_params, self.close_id, session, budget)
+        chunks: asyncio.Queue = asyncio.Queue()
+
+        async def inputs():
+            yield StreamingInput(prompt=prompt, sampling_params=turn)
+            while (chunk := await chunks.get()) is not None:
+                yield chunk
+
+        tag = sampling_params.extra_args.get("ext_tag", session)
+        records = self.calls.setdefault(tag, [])
+        text, token_ids, first = [], [], None
+        inner = self.plain_generate(inputs(), turn, request_id, **kwargs)
+        try:
+            async for out in inner:
+                first = first or out
+                piece = out.outputs[0]
+                text.append(piece.text)
+                token_ids.extend(piece.token_ids)
+                ended = piece.finish_reason is not None
+                # the last token, not stop_reason: vLLM 0.32 keeps a session's stop_reason
+                # from the turn before, so an EOS after a call still reads as the call token
+                is_call = ended and list(piece.token_ids[-1:]) == [self.close_id]
+                if is_call and len(records) < self.max_calls and len(token_ids) < budget:
+                    record = await self._run_call("".join(text), session)
+                    records.append(record)
+                    result_text = f"{RESULT_OPEN}{record.result}{RESULT_CLOSE}"
+                    if caller_kind == RequestOutputKind.DELTA:
+                        yield _output(out, piece.text, piece.token_ids, finished=False)
+                        yield _output(out, result_text, [], finished=False)
+                    text.append(result_text)
+                    result_ids = self.tokenizer.encode(result_text, add_special_tokens=False)
+                    await chunks.put(StreamingInput(
+                        prompt=TokensPrompt(prompt_token_ids=[self.close_id] + result_ids),
+                        sampling_params=_turn_params(sampling_params, self.close_id, session,
+                                                     budget - len(token_ids))))
+                    continue
+                if ended:
+                    await chunks.put(None)  # ends the session: the engine frees the request
+                if caller_kind == RequestOutputKind.DELTA:
+                    yield _output(out, piece.text, piece.token_ids, finished=ended,
+                                  final_piece=piece if ended else None)
+                elif ended:
+                    yield _output(out, "".join(text), token_ids, finished=True,
+                                  final_piece=piece, prompt_from=first)
+                if ended:
+                    break
+        finally:
+            await inner.aclose()
+            self._trim_calls()
+
+    async def _run_call(self, text_so_far: str, session: str) -> CallRecord:
+        call = text_so_far[text_so_far.rfind(CALL_OPEN):]
+        name, arg = parse_call(call)
+        predicted = self.history.predict(name)
+        try:  # the scheduler chooses the KV handling for the call before it starts
+            await scheduler_call(self.client, "ext_tool_pause", session, name, predicted)
+        except Exception:  # e.g. a stock scheduler: vLLM keeps the KV (preserve)
+            if not self.notice_failed:
+                logger.exception("vllm-ext: tool pause notices fail (first: %s); paused "
+                                 "requests keep their KV", name)
+            self.notice_failed = True
+        start = time.perf_counter()
+        result, error = await self._call_tool(name, arg)
+        seconds = time.perf_counter() - start
+        self.history.observe(name, seconds)
+        return CallRecord(name, arg, result, seconds, predicted, error)
+
+    async def _call_tool(self, name: str, arg: str) -> tuple[str, bool]:
+        fn = self.registry.tools.get(name)
+        if fn is None:
+            return f"error: unknown tool {name}", True
+        latency = self.registry.latency(name)
+        loop = asyncio.get_running_loop()
+
+        def run() -> str:
+            if latency > 0:
+                time.sleep(latency)
+            return str(fn(arg))
+
+        try:
+            return await asyncio.wait_for(loop.run_in_executor(self.pool, run),
+                                          self.timeout_s), False
+        except asyncio.TimeoutError:
+            return f"error: tool {name} timed out after {self.timeout_s:g}s", True
+        except Exception as exc:  # the model sees the error as the result
+            return f"error: tool {name} failed: {type(exc).__name__}: {exc}", True
+
+    def take_calls(self, tag: str) -> list[dict]:
+        return [dataclasses.asdict(r) for r in self.calls.pop(tag, [])]
+
+    def _trim_calls(self) -> None:
+        while len(self.calls) > CALLS_KEEP:
+            self.calls.pop(next(iter(self.calls)))
+
+
+def _turn_params(params, close_id: int, session: str, max_tokens: int):
+    from vllm.sampling_params import RequestOutputKind
+
+    turn = params.clone()
+    turn.output_kind = RequestOutputKind.DELTA
+    turn.stop_token_ids = list(params.stop_token_ids or []) + [close_id]
+    turn.include_stop_str_in_output = True
+    turn.max_tokens = max(1, max_tokens)
+    turn.extra_args = {**(params.extra_args or {}), SESSION_KEY: session}
+    return turn
+
+
+def _output(out, text: str, token_ids, finished: bool, final_piece=None, prompt_from=None):
+    """A copy of RequestOutput `out` with one completion of `text` / `token_ids`; the finish
+    reason only on the last output of the request (turn ends in between are not finishes)."""
+    piece = out.outputs[0]
+    result = copy.copy(out)
+    stop = final_piece.stop_reason if final_piece else None
+    if stop is not None and list(final_piece.token_ids[-1:]) != [stop]:
+        stop = None  # a stale stop_reason from an earlier turn (see above)
+    result.outputs = [dataclasses.replace(
+        piece, text=text, token_ids=list(token_ids),
+        finish_reason=final_piece.finish_reason if final_piece else None, stop_reason=stop)]
+    result.finished = finished
+    if prompt_from is not None:
+        result.prompt, result.prompt_token_ids = prompt_from.prompt, prompt_from.prompt_token_ids
+    return result
+
+
+def install(engine_client, ext) -> ToolLoop:
+    """Wrap `engine_client.generate` (once) with the tool loop configured by `ext`."""
+    loop = getattr(engine_client, "ext_tool_loop", None)
+    if loop is None:
+        registry = Registry.build(ext.tools, ext.tool_latency, ext.tool_http_base)
+        loop = ToolLoop(engine_client, registry, ext.tool_timeout_s, ext.tool_max_calls)
+        engine_client.ext_tool_loop = loop
+        engine_client.generate = loop.generate
+    return loop
