@@ -4,7 +4,10 @@ Added with vLLM's own ``--middleware vllm_ext.server.middleware.ExtMiddleware`` 
 serve`` adds it), so it works on plain ``vllm serve`` too. It
   * serves ``GET /v1/ext/config``: the active ExtConfig, scheduler/worker classes, versions;
   * serves ``POST /v1/ext/admin/config`` (live config switch) and ``GET /v1/ext/admin/state``
-    (per-request state sizes, free KV blocks), both token-protected: `admin`;
+    (per-request state sizes, free KV blocks), both token-protected: `admin`. It answers them
+    with the endpoints of `routes` (the FastAPI routes in ``/openapi.json``), ahead of vLLM's
+    own middlewares, and attaches those routes to the app at start-up if vLLM's endpoint-plugin
+    hook has not (``VLLM_PLUGINS`` unset), so the schema lists them either way;
   * refreshes vllm-ext's counters before vLLM renders ``GET /metrics`` (`metrics`);
   * validates the ``ext_*`` keys of ``vllm_xargs`` on completions and chat requests and answers
     HTTP 400 with a message for a malformed one (the request never reaches the engine);
@@ -16,11 +19,13 @@ serve`` adds it), so it works on plain ``vllm serve`` too. It
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from typing import Any
 
-from vllm_ext.server import admin, metrics
+from starlette.requests import Request
+
+from vllm_ext.server import metrics, routes
+from vllm_ext.tools.loop import TOOLS_KEY
 from vllm_ext.worker.channel import TAG_KEY
 
 GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions")
@@ -38,6 +43,7 @@ def _is_int(value: Any) -> bool:
 EXT_XARGS = {
     "ext_true_output_len": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
     RETURN_KEY: (lambda v: isinstance(v, bool), "true or false"),
+    TOOLS_KEY: (lambda v: isinstance(v, bool), "true or false"),
 }
 
 
@@ -64,15 +70,19 @@ def validate_xargs(body: Any) -> dict | None:
 class ExtMiddleware:
     def __init__(self, app) -> None:
         self.app = app
+        self.routes_checked = False
 
     async def __call__(self, scope, receive, send) -> None:
+        if not self.routes_checked:  # first event: lifespan start-up (or the first request)
+            self.routes_checked = True
+            routes.ensure_routes(scope.get("app"))
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path, method = scope["path"], scope["method"]
-        if path == "/v1/ext/config" and method == "GET":
-            return await _send_json(send, 200, await ext_config_payload(scope["app"]))
-        if path in (admin.ADMIN_PATH, admin.STATE_PATH):
-            return await _admin(scope, receive, send)
+        endpoint = routes.endpoint_for(path, method) if path.startswith("/v1/ext/") else None
+        if endpoint is not None:
+            response = await endpoint(Request(scope, receive))
+            return await response(scope, receive, send)
         if path.rstrip("/") == "/metrics" and method == "GET":
             await metrics.refresh(scope["app"])
             return await self.app(scope, receive, send)
@@ -88,21 +98,32 @@ class ExtMiddleware:
         except BadExtArgs as exc:
             return await _send_json(send, 400, {"error": {
                 "message": str(exc), "type": "BadRequestError", "param": "vllm_xargs", "code": 400}})
-        if xargs and xargs.get(RETURN_KEY):
+        tools = bool(xargs and xargs.get(TOOLS_KEY))
+        if tools:
+            try:
+                check_tool_request(scope["app"], body)
+            except BadExtArgs as exc:
+                return await _send_json(send, 400, {"error": {
+                    "message": str(exc), "type": "BadRequestError", "param": "vllm_xargs",
+                    "code": 400}})
+        if xargs and (xargs.get(RETURN_KEY) or tools):
             tag = uuid.uuid4().hex
             xargs[TAG_KEY] = tag
             raw = json.dumps(body).encode()
         replay = _replay(raw, receive)
         if tag is None:
             return await self.app(scope, replay, send)
-        await self.app(scope, replay, _PredictionSender(scope["app"], send, tag))
+        await self.app(scope, replay, _PredictionSender(
+            scope["app"], send, tag, predictions=bool(xargs.get(RETURN_KEY)), tools=tools))
 
 
 class _PredictionSender:
     """Wraps `send`: adds the `vllm_ext` object to a JSON body or to the last SSE chunk."""
 
-    def __init__(self, app, send, tag: str) -> None:
+    def __init__(self, app, send, tag: str, predictions: bool = True,
+                 tools: bool = False) -> None:
         self.app, self.send, self.tag = app, send, tag
+        self.predictions, self.tools = predictions, tools
         self.start: dict | None = None
         self.streaming = False
         self.body = b""
@@ -157,8 +178,29 @@ class _PredictionSender:
             payload = json.loads(raw)
         except json.JSONDecodeError:
             return raw
-        payload["vllm_ext"] = {"predictions": await read_predictions(self.app, self.tag)}
+        ext = payload["vllm_ext"] = {}
+        if self.predictions:
+            ext["predictions"] = await read_predictions(self.app, self.tag)
+        if self.tools:
+            ext["tool_calls"] = self.app.state.engine_client.ext_tool_loop.take_calls(self.tag)
         return json.dumps(payload).encode()
+
+
+def check_tool_request(app, body: dict) -> None:
+    """Install the tool loop on first use; 400 for a request it cannot serve."""
+    from vllm_ext.config import ExtConfig
+    from vllm_ext.tools.loop import install
+
+    engine = app.state.engine_client
+    loop = install(engine, ExtConfig.from_vllm_config(engine.vllm_config))
+    if loop.close_id is None:
+        raise BadExtArgs("vllm_xargs.ext_tools: this model's tokenizer has no single "
+                         "</call> token to pause on")
+    for key, bad in (("stop", lambda v: bool(v)), ("n", lambda v: v not in (None, 1)),
+                     ("logprobs", lambda v: v not in (None, False, 0)),
+                     ("use_beam_search", lambda v: bool(v))):
+        if bad(body.get(key)):
+            raise BadExtArgs(f"vllm_xargs.ext_tools: not supported with {key}={body[key]!r}")
 
 
 async def read_predictions(app, tag: str) -> dict:
@@ -169,45 +211,6 @@ async def read_predictions(app, tag: str) -> dict:
         for req_id, entry in (worker_result or {}).items():
             merged.setdefault(req_id, entry)
     return merged
-
-
-async def _admin(scope, receive, send) -> None:
-    headers = dict(scope.get("headers", []))
-    raw = await _read_body(receive)
-    try:
-        admin.check_token(headers)
-        if scope["path"] == admin.STATE_PATH:
-            payload = await admin.engine_state(scope["app"])
-        elif scope["method"] != "POST":
-            raise admin.AdminError(405, f"{admin.ADMIN_PATH} takes POST")
-        else:
-            payload = await admin.apply(scope["app"], raw)
-    except admin.AdminError as exc:
-        return await _send_json(send, exc.status, {"error": {
-            "message": str(exc), "type": "AdminError", "code": exc.status}})
-    await _send_json(send, 200, payload)
-
-
-async def ext_config_payload(app) -> dict:
-    """Versions, classes, the config the engine started with and the one active now."""
-    import vllm
-
-    import vllm_ext
-
-    vconf = app.state.engine_client.vllm_config
-    active = await admin.active_config(app)
-    return {
-        "vllm_ext_version": vllm_ext.__version__,
-        "vllm_version": vllm.__version__,
-        "model": vconf.model_config.model,
-        "scheduler_cls": str(vconf.scheduler_config.scheduler_cls),
-        "worker_cls": vconf.parallel_config.worker_cls,
-        "config": admin.config_fields(active),
-        "active_policy": active.get("active_policy", active.get("policy")),
-        "policy_fallback": active.get("fallback"),
-        "startup_config": admin.startup_config(app).to_dict(),
-        "admin": bool(os.environ.get(admin.TOKEN_ENV)),
-    }
 
 
 async def _read_body(receive) -> bytes:

@@ -103,3 +103,28 @@ def test_oracle_true_length_accepted(client):
     out = client.completions.create(model=MODEL, prompt="5+5=", max_tokens=4,
                                     extra_body={"vllm_xargs": {"ext_true_output_len": 4}})
     assert out.usage.completion_tokens >= 1
+
+
+def test_openapi_lists_ext_routes_with_their_models(server):
+    """The /v1/ext/* routes are in the server's schema (attached by ExtMiddleware here: no
+    VLLM_PLUGINS), with the admin body's model, and the payloads fit their response models."""
+    from vllm_ext.server.routes import AdminStateResponse, ExtConfigResponse
+
+    spec = httpx.get(server + "/openapi.json", timeout=30).json()
+    paths = spec["paths"]
+    assert set(paths["/v1/ext/config"]) == {"get"}
+    assert set(paths["/v1/ext/admin/config"]) == {"post"}
+    assert set(paths["/v1/ext/admin/state"]) == {"get"}
+    post = paths["/v1/ext/admin/config"]["post"]
+    body = post["requestBody"]["content"]["application/json"]["schema"]
+    assert post["requestBody"]["required"] and body["required"] == ["config"]
+    assert set(body["properties"]) == {"config", "drain", "drain_timeout_s", "reset_prefix_cache"}
+    assert body["properties"]["config"]["properties"]["policy"]["enum"][:2] == ["fcfs", "oracle"]
+    assert {"200", "400", "401", "403"} <= set(post["responses"])
+    ok = post["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
+    assert ok.rsplit("/", 1)[1] in spec["components"]["schemas"]
+    # the models describe what the routes answer (every listed field there, typed right)
+    ExtConfigResponse.model_validate(httpx.get(server + "/v1/ext/config").json())
+    state = httpx.get(server + "/v1/ext/admin/state", timeout=60,
+                      headers={"Authorization": f"Bearer {TOKEN}"}).json()
+    AdminStateResponse.model_validate(state)
