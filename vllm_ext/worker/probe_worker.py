@@ -7,7 +7,8 @@ forward hook on each decoder layer a probe reads; the hook only copies the resid
 tensor-only and is traced into compiled graphs as well as eager ones. After each forward step
 the worker takes the last scheduled token's row of every request, runs the probes (every
 ``probe_every`` steps, and always for a request that has no prediction yet, i.e. at the end of
-its prefill) and
+its prefill; a request whose prompt is prefilled in chunks is skipped, by probes and capture,
+until the step that computes its last prompt token) and
   * in capture mode (``capture_layers``), records those layers' rows per request and step for
     probe training (drained with ``collective_rpc("ext_drain_capture")``);
   * attaches ``{req_id: {name: value}}`` to the step's output as ``probe_values`` for the
@@ -67,6 +68,8 @@ class ProbeWorker(_BaseWorker):
         self.ext_store = PredictionStore(keep_history=self.ext_config.probe_history)
         self.ext_step = 0
         self.ext_awaiting: set[str] = set()  # started, no prediction yet (probe at prefill end)
+        self.ext_prefill: dict[str, int] = {}  # chunked prefill: prompt tokens still to compute
+        self.ext_partial: set[str] = set()     # this step's requests in the middle of a prefill
         self.ext_probes, self.ext_buffers = [], {}
         self.ext_capture = CaptureLog(self.ext_config.capture_layers)
         try:
@@ -111,6 +114,7 @@ class ProbeWorker(_BaseWorker):
             if probing:  # probed in this step (end of its first chunk), so never left behind;
                 self.ext_awaiting.add(new.req_id)  # after a live switch: at the next k-th step
         self.ext_awaiting.difference_update(scheduler_output.finished_req_ids)
+        self.ext_partial = self._track_prefill(scheduler_output)
         output = super().execute_model(scheduler_output)
         self.ext_pending = None
         if scheduler_output.total_num_scheduled_tokens > 0:
@@ -124,14 +128,46 @@ class ProbeWorker(_BaseWorker):
                 self.ext_probes = []
         return self._attach(output)
 
+    def _track_prefill(self, scheduler_output) -> set[str]:
+        """The requests of this step whose prefill it does not finish (a chunk of a longer
+        prompt): their last row is a prompt token in the middle of the prompt, not the end of
+        prefill, and vLLM discards the token sampled there. A request preempted in the middle of
+        its prefill is forgotten here (its recompute on resume is not tracked)."""
+        prefill, sched = self.ext_prefill, scheduler_output.num_scheduled_tokens
+        for req_id in (scheduler_output.finished_req_ids
+                       | (getattr(scheduler_output, "preempted_req_ids", None) or set())):
+            prefill.pop(req_id, None)
+        for req_id in [r for r in prefill if r in sched]:
+            prefill[req_id] -= sched[req_id]
+            if prefill[req_id] <= 0:
+                del prefill[req_id]
+        for new in scheduler_output.scheduled_new_reqs:
+            prompt = new.prompt_token_ids
+            if prompt is None:
+                prompt = getattr(new, "prompt_embeds", None)
+            left = (0 if prompt is None else len(prompt)) - new.num_computed_tokens \
+                - sched.get(new.req_id, 0)
+            if left > 0:
+                prefill[new.req_id] = left
+        return {r for r in prefill if r in sched}
+
     def _last_token_rows(self) -> tuple[list[str], torch.Tensor]:
+        """Each scheduled request's last row this step, except requests in the middle of a
+        chunked prefill (`_track_prefill`)."""
         runner = self.model_runner
         num_reqs = runner.input_batch.num_reqs
         rows = runner.query_start_loc.cpu[1:num_reqs + 1].long() - 1
-        return list(runner.input_batch.req_ids[:num_reqs]), rows
+        req_ids = list(runner.input_batch.req_ids[:num_reqs])
+        partial = getattr(self, "ext_partial", ())
+        if partial and any(r in partial for r in req_ids):
+            keep = [i for i, r in enumerate(req_ids) if r not in partial]
+            req_ids, rows = [req_ids[i] for i in keep], rows[keep]
+        return req_ids, rows
 
     def _capture(self) -> None:
         req_ids, rows = self._last_token_rows()
+        if not req_ids:
+            return
         stacked = torch.stack([self.ext_buffers[layer][rows.to(self.device)]
                                for layer in self.ext_capture.layers], dim=1)
         self.ext_capture.add(req_ids, stacked.to(torch.float16).cpu())
@@ -202,6 +238,8 @@ class ProbeWorker(_BaseWorker):
         if not refresh_all and not self.ext_awaiting:
             return None
         req_ids, rows = self._last_token_rows()
+        if not req_ids:
+            return None
         if not refresh_all:
             pick = [i for i, r in enumerate(req_ids) if r in self.ext_awaiting]
             if not pick:
@@ -226,6 +264,7 @@ class ProbeWorker(_BaseWorker):
         store = getattr(self, "ext_store", None)
         capture = getattr(self, "ext_capture", None)
         return {"per_request": {"awaiting_first_probe": len(getattr(self, "ext_awaiting", ())),
+                                "prefill_in_progress": len(getattr(self, "ext_prefill", ())),
                                 "capture_rows": len(capture.rows) if capture else 0},
                 "prediction_entries": len(store.entries) if store else 0,
                 "prediction_capacity": store.capacity if store else 0}
