@@ -112,15 +112,18 @@ def _lifetime_batch(tag: str):
     return reqs, {f"{tag}1": 20, f"{tag}5": 15}
 
 
-def test_lifetime_every_policy_leaves_no_state_and_returns_every_block(model_path):
+@pytest.mark.parametrize("kv_bits,policies", [
+    (16, ("fcfs", "oracle", "trail", "spjf", "hrrn", "lamps")), (4, ("fcfs", "trail"))])
+def test_lifetime_every_policy_leaves_no_state_and_returns_every_block(model_path, kv_bits,
+                                                                       policies):
     phases = []
-    for policy in ("fcfs", "oracle", "trail", "spjf"):
+    for policy in policies:
         reqs, aborts = _lifetime_batch(policy)
         phases.append({"live": {"policy": policy}, "requests": reqs, "abort_at": aborts})
+    ext = {"policy": "fcfs", "live_config": True, "kv_bits": kv_bits, "kv_partition": 32}
     result = run_engine_job({"model": model_path, "max_num_seqs": 4, "num_blocks": 6,
                              "block_size": 32, "max_model_len": 128, "scheduler": "ext",
-                             "worker": "ext", "ext": {"policy": "fcfs", "live_config": True},
-                             "phases": phases})
+                             "worker": "ext", "ext": ext, "phases": phases})
     policy_preemptions = kv_preemptions = 0
     for phase, spec in zip(result["phases"], phases):
         before, after = phase["before"], phase["after"]

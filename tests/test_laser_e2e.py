@@ -62,8 +62,13 @@ def _check_laser_report(report):
     assert report["summary"]["moved_fraction"] > 0
 
 
-def test_laser_runs_and_balances_load(model_path, tracked_topk):
-    result = run_engine_job(_ext(model_path, {"moe_router": "laser"}))
+@pytest.fixture(scope="module")
+def laser_eager(model_path):
+    return run_engine_job(_ext(model_path, {"moe_router": "laser"}))
+
+
+def test_laser_runs_and_balances_load(laser_eager, tracked_topk):
+    result = laser_eager
     assert all(len(t) == 12 for t in result["token_ids"].values())
     report = result["rpc"]["ext_expert_load"]
     _check_laser_report(report)
@@ -71,8 +76,19 @@ def test_laser_runs_and_balances_load(model_path, tracked_topk):
     assert report["summary"]["step_max_over_mean"] < topk["step_max_over_mean"]
 
 
-def test_laser_compiled_counts_inside_the_graph(model_path):
+def test_laser_compiled_counts_inside_the_graph_and_matches_eager(model_path, laser_eager):
     result = run_engine_job(_ext(model_path, {"moe_router": "laser"},
                                  llm_kwargs={"enforce_eager": False}))
     assert all(len(t) == 12 for t in result["token_ids"].values())
     _check_laser_report(result["rpc"]["ext_expert_load"])
+    # the compiled graph routes as the eager code does (measured: 70 of 72 tokens equal, the
+    # rest from float differences between the graphs) and its counters see the same passes:
+    # before the worker reset them after vLLM's warm-up, the compiled engine's counters held
+    # its dummy compile batches (flat fraction 0.99 vs 0.81) and only 28 of 72 tokens matched
+    same = sum(a == b for rid, toks in result["token_ids"].items()
+               for a, b in zip(toks, laser_eager["token_ids"][rid]))
+    assert same >= 0.9 * sum(len(t) for t in result["token_ids"].values())
+    compiled = result["rpc"]["ext_expert_load"]["summary"]
+    eager = laser_eager["rpc"]["ext_expert_load"]["summary"]
+    for key in ("flat_fraction", "moved_fraction"):
+        assert compiled[key] == pytest.approx(eager[key], abs=0.03), key

@@ -80,6 +80,17 @@ class ProbeWorker(_BaseWorker):
             self.ext_probes, self.ext_buffers = [], {}
             self.ext_capture = CaptureLog(())
 
+    def compile_or_warm_up_model(self, *args, **kwargs):
+        """vLLM's warm-up and compile passes (dummy batches) run the MoE routers too: zero the
+        expert-load counters and LASER's load window afterwards, as vLLM resets its seed
+        there, so neither the figures nor the first real routing decisions see them."""
+        result = super().compile_or_warm_up_model(*args, **kwargs)
+        from vllm_ext.moe.router import expert_loads
+
+        for load in expert_loads(self.model_runner.get_model()).values():
+            load.reset()
+        return result
+
     def _load_probes(self) -> None:
         hf_config, path = self.vllm_config.model_config.hf_config, self.vllm_config.model_config.model
         paths = resolve_probe_paths(self.ext_config, hf_config, path)
