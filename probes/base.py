@@ -65,7 +65,12 @@ class Probe:
     @torch.no_grad()
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         out = self.module(hidden.float())
-        return out.softmax(-1) if self.meta.get("output") == "softmax" else out
+        kind = self.meta.get("output")
+        if kind == "softmax":  # the length probe: a distribution over length bins
+            return out.softmax(-1)
+        if kind == "sigmoid":  # the correctness probe: P(the branch ends correct)
+            return out.sigmoid()
+        return out
 
 
 def save_probe(path: str | Path, probe: Probe, hidden: int = 512) -> None:

@@ -266,8 +266,9 @@ commands:
         serve MODEL (default: the embedded tiny MoE model) with vllm-ext active
   bench serve|compare [args]
         open-loop load generator / side-by-side comparison of server configurations
-  train-probe --kind length [--model PATH] [--prompts FILE] --out FILE
-        collect hidden states through vLLM and train a probe (TRAIL length)
+  train-probe --kind length|correctness [--model PATH] [--prompts FILE] --out FILE
+        collect hidden states through vLLM and train a probe (TRAIL length, DUCHESS
+        branch correctness)
   simulate mg1|profile|replay|scale [args]
         queueing simulator: closed-form checks, engine calibration, replay, scale study
   build-default-model
