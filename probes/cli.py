@@ -133,16 +133,20 @@ def train_correctness(args, model: str, config, layers: list[int]) -> None:
 def format_auroc_table(report: dict) -> str:
     """Markdown tables: test AUROC per (arch, layer), and per position for the chosen probe."""
     lines = ["| arch | layer | val AUROC | test AUROC (rounds pooled) | test, first round "
-             "| test, within prompt | test, prefill row |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "| test, within prompt | test, prefill row | test, prefill score held |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for arch, layers in report["sweep"].items():
         for layer, r in layers.items():
             t = r["test"]
             lines.append(f"| {arch} | {layer} | {r['val_auroc']:.3f} | {t['auroc']:.3f} | "
                          f"{t['auroc_first_round']:.3f} | {t['auroc_within_prompt']:.3f} | "
-                         f"{t['auroc_prefill_row']:.3f} |")
+                         f"{t['auroc_prefill_row']:.3f} | "
+                         f"{t.get('auroc_prefill_score_held', float('nan')):.3f} |")
     best = report["best_test"]
     lines += ["", f"chosen: {report['best_arch']} layer {report['best_layer']} (every "
-              f"{report['every']} tokens); test prompts {report['split_prompts']['test']}", "",
+              f"{report['every']} tokens); test prompts {report['split_prompts']['test']}; "
+              f"kind x difficulty baseline (no probe): "
+              f"{report['baseline_kind_difficulty_auroc']:.3f}", "",
               "| tokens generated | test AUROC | rows | positive rate |", "|---|---:|---:|---:|"]
     for name, b in best["by_position"].items():
         lines.append(f"| {name} | {b['auroc']:.3f} | {b['rows']} | {b['positive_rate']:.2f} |")

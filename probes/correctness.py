@@ -192,6 +192,11 @@ def evaluate(scores: np.ndarray, rows: Rows, every: int, bucket: int | None = No
         by_bucket[name] = {"auroc": auroc(scores[m], rows.y[m]), "rows": int(m.sum()),
                            "positive_rate": float(rows.y[m].mean())}
     out["by_position"] = by_bucket
+    first = {int(b): sc for b, sc in zip(rows.branch[rows.pos == 0], scores[rows.pos == 0])}
+    if decode.any() and all(int(b) in first for b in rows.branch[decode]):
+        # the prefill-row score held for the whole branch: what prompt difficulty alone gives
+        held = np.array([first[int(b)] for b in rows.branch[decode]])
+        out["auroc_prefill_score_held"] = auroc(held, rows.y[decode])
     within = []
     for p in np.unique(rows.prompt[decode]):
         m = decode & (rows.prompt == p)
@@ -311,6 +316,7 @@ def train_correctness_probe(data: BranchDataset, fingerprint: str, every: int = 
     n_prompts = {k: len(set(np.asarray(data.prompt)[getattr(split, k)].tolist()))
                  for k in ("train", "val", "test")}
     report = {"every": every, "dataset": data.summary(), "split_prompts": n_prompts,
+              "baseline_kind_difficulty_auroc": kind_difficulty_baseline(data, split, every),
               "split_branches": {k: len(getattr(split, k)) for k in ("train", "val", "test")},
               "sweep": sweep, "best_arch": arch, "best_layer": layer,
               "best_val_auroc": sweep[arch][layer]["val_auroc"],
@@ -321,6 +327,24 @@ def train_correctness_probe(data: BranchDataset, fingerprint: str, every: int = 
                         "test_auroc": report["best_test"]["auroc"],
                         "paper": "DUCHESS arXiv 2509.24957", "report": _jsonable(report)})
     return probe, report
+
+
+def kind_difficulty_baseline(data: BranchDataset, split: PromptSplit, every: int) -> float:
+    """Test AUROC over the decode rounds of a score that knows only the task's kind and
+    difficulty (their branch accuracy on the training prompts): prompt difficulty, no probe."""
+    def key(b):
+        return (data.meta[b].get("kind"), data.meta[b].get("difficulty"))
+
+    acc: dict = {}
+    for b in split.train:
+        acc.setdefault(key(b), []).append(data.correct[b])
+    prior = float(np.mean(data.correct)) if len(data) else 0.5
+    scores, labels = [], []
+    for b in split.test:
+        n = int(((data.positions[b] % every == 0) & (data.positions[b] > 0)).sum())
+        scores += [float(np.mean(acc[key(b)])) if key(b) in acc else prior] * n
+        labels += [data.correct[b]] * n
+    return auroc(scores, labels)
 
 
 def _jsonable(obj):

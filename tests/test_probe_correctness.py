@@ -113,6 +113,9 @@ def test_sweep_picks_the_informative_layer_and_holds_out_whole_prompts(trained):
     assert report["best_layer"] == 1 and probe.layer == 1
     assert report["best_test"]["auroc"] > 0.9
     assert report["best_test"]["auroc_within_prompt"] > 0.85
+    # here the outcome is in every row, the prefill row included; kind/difficulty say nothing
+    assert report["best_test"]["auroc_prefill_score_held"] > 0.85
+    assert abs(report["baseline_kind_difficulty_auroc"] - 0.5) < 0.2
     for arch in ("linear", "mlp"):
         assert abs(report["sweep"][arch][0]["test"]["auroc"] - 0.5) < 0.1
     # one bucket per probe round: [0, 4) holds only the end-of-prefill row
