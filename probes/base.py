@@ -117,10 +117,11 @@ def shipped_probe_path(kind: str, fingerprint: str) -> Path | None:
 
 def resolve_probe_paths(ext_config: Any, hf_config: Any, model_path: str | None = None) -> list[str]:
     """The probe files an engine loads: the explicit ones, else the shipped length probe
-    when the policy refines on it (`trail`) or a live switch to it may come (`live_config`)."""
+    when the policy refines on it (`trail`, `lamps`) or a live switch to it may come
+    (`live_config`)."""
     if ext_config.probe_paths:
         return list(ext_config.probe_paths)
-    if ext_config.policy == "trail" or ext_config.live_config:
+    if ext_config.needs_probes() or ext_config.live_config:
         path = shipped_probe_path("length", model_fingerprint(hf_config, model_path))
         return [str(path)] if path else []
     return []

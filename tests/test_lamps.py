@@ -179,3 +179,20 @@ def test_tool_loop_refuses_what_it_cannot_serve():
     loop.close_id = None
     with pytest.raises(ValueError, match="single </call>"):
         loop.check(SamplingParams())
+
+
+def test_workers_load_the_length_probe_for_lamps():
+    """lamps ranks on TRAIL's refined predictions: its workers must run the length probe
+    even without an admin token (they did only for trail before)."""
+    from transformers import AutoConfig
+
+    from vllm_ext.config import ExtConfig
+    from vllm_ext.probes.base import resolve_probe_paths
+    from vllm_ext.testbed.model import default_model_path
+
+    path = default_model_path()
+    hf = AutoConfig.from_pretrained(path)
+    for policy, expect in (("lamps", True), ("trail", True), ("fcfs", False), ("hrrn", False)):
+        paths = resolve_probe_paths(ExtConfig(policy=policy), hf, path)
+        assert bool(paths) == expect, policy
+        assert all("length-" in p for p in paths)
