@@ -14,7 +14,10 @@ serve`` adds it), so it works on plain ``vllm serve`` too. It
   * with ``vllm_xargs: {"ext_return_predictions": true}`` tags the request, and after vLLM has
     produced the response adds a ``vllm_ext`` object with the request's latest probe values,
     read from the workers with ``collective_rpc("ext_get_predictions")``. For streaming
-    responses the object is added to the last chunk before ``[DONE]``.
+    responses the object is added to the last chunk before ``[DONE]``;
+  * with ``vllm_xargs: {"ext_tools": true}`` runs the request's tool calls in the server
+    (`vllm_ext.tools.loop`, installed on the engine client on first use), answers 400 for what
+    the loop can't serve, and lists the calls in the response's ``vllm_ext.tool_calls``.
 """
 from __future__ import annotations
 

@@ -15,7 +15,8 @@ Two pure pieces, shared by the engine (`vllm_ext.sched.pauses`) and tests:
 * `LampsPolicy`: the waiting order. A request's rank (lower first) is the memory-time it will
   hold over its remaining life: while decoding r more tokens from context C it holds
   C r + r^2 / 2 token-steps; a request that calls tools also holds, through a call, the least
-  waste above (in token-steps). r is the TRAIL length prediction (`TrailPolicy.remaining`).
+  waste above (in token-steps, at the latest call's predicted duration). r is the TRAIL length
+  prediction (`TrailPolicy.remaining`).
   Starvation guard: a request waiting `starvation_steps` decode steps goes first (LAMPS's
   iteration threshold). The engine re-sorts on events (arrival, resume, predictions) and when
   a request passes the threshold, not on a fixed period.
@@ -69,7 +70,7 @@ class LampsPolicy(Policy):
     starvation_steps: int = 100
     step_s: float = 0.0                 # decode step (s), kept current by the engine
     recompute_steps_per_token: float = 0.0
-    call_s: float = 1.0                 # mean predicted call duration (engine keeps current)
+    call_s: float = 1.0                 # latest call's predicted duration (engine keeps current)
     tool_users: set = field(default_factory=set)  # request ids that paused for a call
     name = "lamps"
     reorders = True
