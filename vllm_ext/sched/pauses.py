@@ -24,7 +24,8 @@ from vllm_ext.sched.lamps import PauseCosts, choose_handling
 from vllm_ext.tools.loop import SESSION_KEY
 
 
-def _extra_args(request) -> dict:
+def extra_args(request) -> dict:
+    """A vLLM request's ``sampling_params.extra_args`` (``vllm_xargs``), {} if none."""
     params = getattr(request, "sampling_params", None)
     return (params.extra_args if params is not None else None) or {}
 
@@ -48,13 +49,10 @@ class ToolPauses:
     recompute_tokens: int = 0
 
     def on_add(self, request) -> None:
-        extra = _extra_args(request)
+        extra = extra_args(request)
         session = extra.get(SESSION_KEY)
         if isinstance(session, str):
             self.sessions[session] = request.request_id
-
-    def choose(self, configured: str, costs: PauseCosts) -> str:
-        return choose_handling(costs) if configured == "min_waste" else configured
 
     def pause(self, sched, session: str, tool: str, predicted_s: float, configured: str) -> dict:
         """Apply the handling for `session`'s call; returns what was done (for the caller)."""
@@ -69,7 +67,7 @@ class ToolPauses:
         batch = len(sched.running)
         costs = PauseCosts(request.num_computed_tokens, predicted_s,
                            step.steps_per_token(batch) * step.step_s(batch), batch_tokens)
-        handling = self.choose(configured, costs)
+        handling = choose_handling(costs) if configured == "min_waste" else configured
         if handling == "discard":
             sched.kv_cache_manager.free(request)
             sched.num_waiting_for_streaming_input -= 1  # its slot is free too
@@ -107,7 +105,7 @@ class ToolPauses:
     def forget(self, request) -> None:
         self.paused.pop(request.request_id, None)
         self.discarded.discard(request.request_id)
-        extra = _extra_args(request)
+        extra = extra_args(request)
         self.sessions.pop(extra.get(SESSION_KEY), None)
 
     def sizes(self) -> dict[str, int]:

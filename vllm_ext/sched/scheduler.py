@@ -40,7 +40,7 @@ from vllm_ext.compat import changed_targets
 from vllm_ext.config import ExtConfig
 from vllm_ext.sched.build import build_policy
 from vllm_ext.sched.lamps import LampsPolicy
-from vllm_ext.sched.pauses import ToolPauses
+from vllm_ext.sched.pauses import ToolPauses, extra_args
 from vllm_ext.sched.policy import TRUE_LEN_KEY, FcfsPolicy, RequestView
 from vllm_ext.sched.stats import SchedStats
 from vllm_ext.sched.step_cost import StepCostFit
@@ -281,8 +281,7 @@ class _PredictiveMixin:
 
     # ---- policy application ----------------------------------------------------------------
     def view(self, request: Request) -> RequestView:
-        extra = (request.sampling_params.extra_args if request.sampling_params else None) or {}
-        true_len = extra.get(TRUE_LEN_KEY)
+        true_len = extra_args(request).get(TRUE_LEN_KEY)
         return RequestView(
             request_id=request.request_id,
             arrival_time=request.arrival_time,

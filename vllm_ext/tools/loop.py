@@ -33,6 +33,7 @@ from vllm_ext.engine_rpc import scheduler_call
 from vllm_ext.testbed.tasks import CALL_CLOSE, CALL_OPEN, RESULT_CLOSE, RESULT_OPEN, parse_call
 from vllm_ext.tools.history import DurationHistory
 from vllm_ext.tools.registry import Registry
+from vllm_ext.worker.channel import TAG_KEY
 
 logger = init_logger(__name__)
 
@@ -99,7 +100,7 @@ class ToolLoop:
             while (chunk := await chunks.get()) is not None:
                 yield chunk
 
-        tag = sampling_params.extra_args.get("ext_tag", session)
+        tag = sampling_params.extra_args.get(TAG_KEY, session)
         records = self.calls.setdefault(tag, [])
         text, token_ids, first = [], [], None
         inner = self.plain_generate(inputs(), turn, request_id, **kwargs)
