@@ -116,12 +116,17 @@ def shipped_probe_path(kind: str, fingerprint: str) -> Path | None:
 
 
 def resolve_probe_paths(ext_config: Any, hf_config: Any, model_path: str | None = None) -> list[str]:
-    """The probe files an engine loads: the explicit ones, else the shipped length probe
-    when the policy refines on it (`trail`, `lamps`) or a live switch to it may come
-    (`live_config`)."""
+    """The probe files an engine loads: the explicit ones, else the shipped ones its config
+    reads: the length probe when the policy refines on it (`trail`, `lamps`) or a live
+    switch to it may come (`live_config`), the correctness probe when branches may run in
+    duchess mode (`branches` not "off")."""
     if ext_config.probe_paths:
         return list(ext_config.probe_paths)
-    if ext_config.needs_probes() or ext_config.live_config:
-        path = shipped_probe_path("length", model_fingerprint(hf_config, model_path))
-        return [str(path)] if path else []
-    return []
+    fingerprint = model_fingerprint(hf_config, model_path)
+    wanted = []
+    if ext_config.policy in ("trail", "lamps") or ext_config.live_config:
+        wanted.append("length")
+    if getattr(ext_config, "branches", "off") != "off":
+        wanted.append("correctness")
+    paths = [shipped_probe_path(kind, fingerprint) for kind in wanted]
+    return [str(path) for path in paths if path]

@@ -13,8 +13,8 @@ import json
 import os
 import sys
 
-from vllm_ext.config import (KV_BITS, KV_PARTITIONS, MOE_ROUTERS, POLICIES, TOOL_HANDLINGS,
-                             ExtConfig, ExtConfigError)
+from vllm_ext.config import (BRANCH_MODES, KV_BITS, KV_PARTITIONS, MOE_ROUTERS, POLICIES,
+                             TOOL_HANDLINGS, ExtConfig, ExtConfigError)
 from vllm_ext.config import parse_laser_bands
 from vllm_ext.server.admin import TOKEN_ENV
 
@@ -48,6 +48,7 @@ def ext_arg_parser() -> argparse.ArgumentParser:
     g.add_argument("--ext-no-preemption-cost", action="store_true",
                    help="trail/spjf: do not charge the victim's recompute against a preemption")
     _add_tool_flags(g)
+    _add_branch_flags(g)
     g.add_argument("--ext-admin-token", metavar="TOKEN",
                    help="enable POST /v1/ext/admin/config (live policy switch) for callers "
                         "sending 'Authorization: Bearer TOKEN' (or set VLLM_EXT_ADMIN_TOKEN)")
@@ -88,6 +89,33 @@ def _add_tool_flags(g) -> None:
                    help="tool calls per request; the request then finishes")
     g.add_argument("--ext-lamps-starvation-steps", type=int, default=d.lamps_starvation_steps,
                    help="lamps: a request waiting this many steps goes first")
+
+
+def _add_branch_flags(g) -> None:
+    d = ExtConfig
+    g.add_argument("--ext-branches", choices=BRANCH_MODES, default=d.branches,
+                   help="how an n > 1 request runs its branches by default (vllm_xargs "
+                        "ext_branches per request): off = vLLM's n samples, sc = "
+                        "self-consistency vote, esc = early-stopping sc, duchess = probe-guided "
+                        "terminate/duplicate; anything but off loads the correctness probe")
+    g.add_argument("--ext-branch-every", type=int, default=d.branch_every, metavar="I",
+                   help="duchess: probe round every I generated tokens of a branch")
+    g.add_argument("--ext-branch-tau", type=float, default=d.branch_tau,
+                   help="duchess: terminate a branch scoring below this ...")
+    g.add_argument("--ext-branch-patience", type=int, default=d.branch_patience, metavar="S",
+                   help="... for S consecutive rounds")
+    g.add_argument("--ext-branch-dup-tau", type=float, default=d.branch_dup_tau,
+                   help="duchess: fork a branch scoring at least this (> 1: never)")
+    g.add_argument("--ext-branch-max", type=int, default=d.branch_max,
+                   help="branches one request may run in all, forks included")
+    g.add_argument("--ext-branch-max-tokens", type=int, default=d.branch_max_tokens,
+                   help="per-branch token cap (0: the request's max_tokens)")
+    g.add_argument("--ext-branch-agree", type=int, default=d.branch_agree,
+                   help="stop a request once this many finished branches share an answer")
+    g.add_argument("--ext-branch-esc-window", type=int, default=d.branch_esc_window,
+                   help="esc: branches per window; stop after a unanimous window")
+    g.add_argument("--ext-branch-answer-regex", default=d.branch_answer_regex, metavar="RE",
+                   help="a branch's answer: the last match's first group")
 
 
 def _add_laser_flags(g) -> None:
@@ -147,6 +175,16 @@ def ext_config_from_args(ns: argparse.Namespace) -> ExtConfig:
         "tool_timeout_s": ns.ext_tool_timeout,
         "tool_max_calls": ns.ext_tool_max_calls,
         "lamps_starvation_steps": ns.ext_lamps_starvation_steps,
+        "branches": ns.ext_branches,
+        "branch_every": ns.ext_branch_every,
+        "branch_tau": ns.ext_branch_tau,
+        "branch_patience": ns.ext_branch_patience,
+        "branch_dup_tau": ns.ext_branch_dup_tau,
+        "branch_max": ns.ext_branch_max,
+        "branch_max_tokens": ns.ext_branch_max_tokens,
+        "branch_agree": ns.ext_branch_agree,
+        "branch_esc_window": ns.ext_branch_esc_window,
+        "branch_answer_regex": ns.ext_branch_answer_regex,
     })
 
 

@@ -18,6 +18,7 @@ MOE_ROUTERS = ("topk", "laser", "least_loaded")
 LASER_BANDS = ("early", "middle", "late")  # thirds of the decoder layers
 LASER_BAND_KEYS = {"eps_high": float, "entropy_max": float, "pool_threshold": float,
                    "pool_max": int, "rounds": int}
+BRANCH_MODES = ("off", "sc", "esc", "duchess")  # n > 1 requests: vllm_ext/branches
 TOOL_HANDLINGS = ("preserve", "discard", "min_waste")  # KV of a request paused for a tool call
 KV_BITS = (16, 8, 4, 2)
 KV_PARTITIONS = (32, 64, 128)  # HACK: tokens per K quantization partition
@@ -66,6 +67,19 @@ class ExtConfig:
     # hit), or the least waste per call (InferCept's rule); policy lamps implies min_waste
     tool_handling: str = "preserve"
     lamps_starvation_steps: int = 100  # lamps: a request waiting this many steps goes first
+    # Multi-branch requests (DUCHESS: vllm_ext/branches, docs/duchess.md). `branches` is the
+    # mode of an n > 1 request without vllm_xargs ext_branches; "duchess" (default or any
+    # request's) needs the correctness probe, which workers load when this is not "off"
+    branches: str = "off"
+    branch_every: int = 16         # probe round every i generated tokens per branch
+    branch_tau: float = 0.25       # terminate a branch whose P(correct) < tau ...
+    branch_patience: int = 2       # ... for S consecutive rounds
+    branch_dup_tau: float = 0.9    # fork a branch whose P(correct) >= this (> 1: never)
+    branch_max: int = 16           # branches a request may run in all, forks included
+    branch_max_tokens: int = 0     # per-branch token cap (0: the request's max_tokens)
+    branch_agree: int = 3          # stop once this many finished branches share an answer
+    branch_esc_window: int = 4     # esc: branches per window; stop at a unanimous window
+    branch_answer_regex: str = r"answer:[ \t]*([^\n<]*)"  # last match = a branch's answer
     # Prediction channel (ProbeWorker)
     probe_paths: tuple[str, ...] = ()
     probe_every: int = 8
@@ -102,6 +116,7 @@ class ExtConfig:
         _check_range("tool_timeout_s", self.tool_timeout_s, 0.001)
         _check_range("tool_max_calls", self.tool_max_calls, 0)
         _check_range("lamps_starvation_steps", self.lamps_starvation_steps, 1)
+        _check_branches(self)
 
     # ---- (de)serialisation -------------------------------------------------------------
     @classmethod
@@ -150,9 +165,10 @@ class ExtConfig:
         return {k: getattr(self, k) for k in LIVE_FIELDS}
 
     def needs_probes(self) -> bool:
-        """Whether workers run their probes under this config: explicit probe files, or a
-        policy that refines on the length probe."""
-        return bool(self.probe_paths) or self.policy in ("trail", "lamps")
+        """Whether workers run their probes under this config: explicit probe files, a
+        policy that refines on the length probe, or branches the correctness probe guides."""
+        return bool(self.probe_paths) or self.policy in ("trail", "lamps") or \
+            self.branches != "off"
 
     def to_additional_config(self) -> str:
         return json.dumps({CONFIG_KEY: self.to_dict()})
@@ -203,6 +219,23 @@ def _check_range(name: str, value: float, low: float) -> None:
 def _check_between(name: str, value: float, low: float, high: float) -> None:
     if not low <= value <= high:
         raise ExtConfigError(f"{flag_name(name)}: must be in [{low}, {high}], got {value}")
+
+
+def _check_branches(cfg: "ExtConfig") -> None:
+    import re
+
+    _check_choice("branches", cfg.branches, BRANCH_MODES)
+    for name, low in (("branch_every", 1), ("branch_patience", 1), ("branch_max", 1),
+                      ("branch_max_tokens", 0), ("branch_agree", 1), ("branch_esc_window", 1),
+                      ("branch_dup_tau", 0.0)):
+        _check_range(name, getattr(cfg, name), low)
+    _check_between("branch_tau", cfg.branch_tau, 0.0, 1.0)
+    try:
+        if re.compile(cfg.branch_answer_regex).groups < 1:
+            raise ExtConfigError(f"{flag_name('branch_answer_regex')}: needs one capture group "
+                                 f"(the answer), got {cfg.branch_answer_regex!r}")
+    except re.error as exc:
+        raise ExtConfigError(f"{flag_name('branch_answer_regex')}: {exc}") from None
 
 
 def _check_laser(cfg: "ExtConfig") -> None:
