@@ -17,7 +17,11 @@ serve`` adds it), so it works on plain ``vllm serve`` too. It
     responses the object is added to the last chunk before ``[DONE]``;
   * with ``vllm_xargs: {"ext_tools": true}`` runs the request's tool calls in the server
     (`vllm_ext.tools.loop`, installed on the engine client on first use), answers 400 for what
-    the loop can't serve, and lists the calls in the response's ``vllm_ext.tool_calls``.
+    the loop can't serve, and lists the calls in the response's ``vllm_ext.tool_calls``;
+  * runs an n > 1 request with ``vllm_xargs: {"ext_branches": "sc"|"esc"|"duchess"}`` (or
+    under ``--ext-branches``) as branches (`vllm_ext.branches.runner`): one completion, the
+    votes and branch counts in ``vllm_ext.branches``, ``usage.completion_tokens`` = the tokens
+    of all branches; 400 for what the runner can't serve.
 """
 from __future__ import annotations
 
@@ -27,6 +31,8 @@ from typing import Any
 
 from starlette.requests import Request
 
+from vllm_ext.branches.runner import BRANCHES_KEY, OVERRIDE_KEYS
+from vllm_ext.config import BRANCH_MODES
 from vllm_ext.server import metrics, routes
 from vllm_ext.tools.loop import TOOLS_KEY
 from vllm_ext.worker.channel import TAG_KEY
@@ -47,6 +53,9 @@ EXT_XARGS = {
     "ext_true_output_len": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
     RETURN_KEY: (lambda v: isinstance(v, bool), "true or false"),
     TOOLS_KEY: (lambda v: isinstance(v, bool), "true or false"),
+    BRANCHES_KEY: (lambda v: v in BRANCH_MODES, "one of " + ", ".join(BRANCH_MODES)),
+    **{key: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number")
+       for key in OVERRIDE_KEYS},
 }
 
 
@@ -109,7 +118,15 @@ class ExtMiddleware:
                 return await _send_json(send, 400, {"error": {
                     "message": str(exc), "type": "BadRequestError", "param": "vllm_xargs",
                     "code": 400}})
-        if xargs and (xargs.get(RETURN_KEY) or tools):
+        try:
+            branches = check_branch_request(scope["app"], body, xargs, tools)
+        except BadExtArgs as exc:
+            return await _send_json(send, 400, {"error": {
+                "message": str(exc), "type": "BadRequestError", "param": "vllm_xargs",
+                "code": 400}})
+        if xargs is None and branches:
+            xargs = body["vllm_xargs"] = {}
+        if xargs is not None and (xargs.get(RETURN_KEY) or tools or branches):
             tag = uuid.uuid4().hex
             xargs[TAG_KEY] = tag
             raw = json.dumps(body).encode()
@@ -117,16 +134,17 @@ class ExtMiddleware:
         if tag is None:
             return await self.app(scope, replay, send)
         await self.app(scope, replay, _PredictionSender(
-            scope["app"], send, tag, predictions=bool(xargs.get(RETURN_KEY)), tools=tools))
+            scope["app"], send, tag, predictions=bool(xargs.get(RETURN_KEY)), tools=tools,
+            branches=branches))
 
 
 class _PredictionSender:
     """Wraps `send`: adds the `vllm_ext` object to a JSON body or to the last SSE chunk."""
 
     def __init__(self, app, send, tag: str, predictions: bool = True,
-                 tools: bool = False) -> None:
+                 tools: bool = False, branches: bool = False) -> None:
         self.app, self.send, self.tag = app, send, tag
-        self.predictions, self.tools = predictions, tools
+        self.predictions, self.tools, self.branches = predictions, tools, branches
         self.start: dict | None = None
         self.streaming = False
         self.body = b""
@@ -186,6 +204,14 @@ class _PredictionSender:
             ext["predictions"] = await read_predictions(self.app, self.tag)
         if self.tools:
             ext["tool_calls"] = self.app.state.engine_client.ext_tool_loop.take_calls(self.tag)
+        if self.branches:
+            stats = self.app.state.engine_client.ext_branch_runner.take_stats(self.tag)
+            ext["branches"] = stats
+            usage = payload.get("usage")
+            if stats and isinstance(usage, dict) and "completion_tokens" in usage:
+                # every branch's tokens were generated, not just the chosen one's
+                usage["completion_tokens"] = stats["tokens"]
+                usage["total_tokens"] = usage.get("prompt_tokens", 0) + stats["tokens"]
         return json.dumps(payload).encode()
 
 
@@ -204,6 +230,50 @@ def check_tool_request(app, body: dict) -> None:
                      ("use_beam_search", lambda v: bool(v))):
         if bad(body.get(key)):
             raise BadExtArgs(f"vllm_xargs.ext_tools: not supported with {key}={body[key]!r}")
+
+
+def check_branch_request(app, body, xargs, tools: bool) -> bool:
+    """Whether the request runs as branches (installing the runner on first use); 400 for
+    one the runner cannot serve."""
+    from vllm_ext.branches.runner import install
+
+    if not isinstance(body, dict):
+        return False
+    engine = app.state.engine_client
+    ext = _ext_config(engine)
+    n = body.get("n") or 1
+    mode = (xargs or {}).get(BRANCHES_KEY) or (ext.branches if _is_int(n) and n > 1 else "off")
+    if mode == "off":
+        return False
+    if mode == "duchess" and ext.branches == "off" and not ext.probe_paths:
+        raise BadExtArgs(f"vllm_xargs.{BRANCHES_KEY}=duchess needs the correctness probe: "
+                         "serve with --ext-branches duchess (or sc / esc)")
+    if tools:
+        raise BadExtArgs(f"vllm_xargs.{BRANCHES_KEY} and {TOOLS_KEY} cannot be combined")
+    for key, bad in (("logprobs", lambda v: v not in (None, False, 0)),
+                     ("top_logprobs", lambda v: v not in (None, 0)),
+                     ("use_beam_search", lambda v: bool(v)), ("echo", lambda v: bool(v)),
+                     ("prompt_logprobs", lambda v: v is not None)):
+        if bad(body.get(key)):
+            raise BadExtArgs(f"vllm_xargs.{BRANCHES_KEY}: not supported with {key}={body[key]!r}")
+    from vllm_ext.branches.runner import request_config
+    from vllm_ext.config import ExtConfigError
+
+    try:
+        request_config(ext, xargs)
+    except ExtConfigError as exc:
+        raise BadExtArgs(str(exc)) from None
+    install(engine, ext)
+    return True
+
+
+def _ext_config(engine):
+    from vllm_ext.config import ExtConfig
+
+    ext = getattr(engine, "ext_config", None)
+    if ext is None:
+        ext = engine.ext_config = ExtConfig.from_vllm_config(engine.vllm_config)
+    return ext
 
 
 async def read_predictions(app, tag: str) -> dict:

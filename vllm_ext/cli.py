@@ -112,6 +112,9 @@ def _add_branch_flags(g) -> None:
                    help="per-branch token cap (0: the request's max_tokens)")
     g.add_argument("--ext-branch-agree", type=int, default=d.branch_agree,
                    help="stop a request once this many finished branches share an answer")
+    g.add_argument("--ext-branch-start", type=int, default=d.branch_start,
+                   help="duchess: branches per window, refilled by forks of high scorers "
+                        "(0: all n at once)")
     g.add_argument("--ext-branch-esc-window", type=int, default=d.branch_esc_window,
                    help="esc: branches per window; stop after a unanimous window")
     g.add_argument("--ext-branch-answer-regex", default=d.branch_answer_regex, metavar="RE",
@@ -184,6 +187,7 @@ def ext_config_from_args(ns: argparse.Namespace) -> ExtConfig:
         "branch_max_tokens": ns.ext_branch_max_tokens,
         "branch_agree": ns.ext_branch_agree,
         "branch_esc_window": ns.ext_branch_esc_window,
+        "branch_start": ns.ext_branch_start,
         "branch_answer_regex": ns.ext_branch_answer_regex,
     })
 

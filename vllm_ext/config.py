@@ -78,6 +78,7 @@ class ExtConfig:
     branch_max: int = 16           # branches a request may run in all, forks included
     branch_max_tokens: int = 0     # per-branch token cap (0: the request's max_tokens)
     branch_agree: int = 3          # stop once this many finished branches share an answer
+    branch_start: int = 4          # duchess: branches per window (0: all n at once)
     branch_esc_window: int = 4     # esc: branches per window; stop at a unanimous window
     branch_answer_regex: str = r"answer:[ \t]*([^\n<]*)"  # last match = a branch's answer
     # Prediction channel (ProbeWorker)
@@ -99,6 +100,22 @@ class ExtConfig:
     moe_ep_devices: int = 4            # load stats: experts mapped to this many EP devices
     kv_bits: int = 16
     kv_partition: int = 64
+    # Telemetry in small memory (vllm_ext/telemetry, docs/telemetry.md): fragmented sketches
+    # (DiSketch) of prefix-block hashes and expert load, learned sliding-window top-k (LWCSS)
+    telemetry: bool = False
+    telemetry_sketch: str = "cm"          # cm (Count-Min) | cs (Count Sketch)
+    telemetry_depth: int = 4              # sketch rows
+    telemetry_prefix_bytes: int = 65536   # prefix-block fragments, in the engine
+    telemetry_expert_bytes: int = 16384   # per-expert load fragments, in the API server
+    telemetry_topk_bytes: int = 16384     # each top-k tracker (prefixes; tenants)
+    telemetry_window: int = 1024          # W: top prefixes / tenants over the last W requests
+    telemetry_learned: bool = True        # learned next-arrival filter + Bloom guard (LWCSS)
+    telemetry_rho: float = 4.0            # items per counter before a fragment closes
+    telemetry_epoch_s: float = 10.0       # longest sub-epoch of a fragment
+    telemetry_prefix_blocks: int = 4      # a top-k "prefix" = the request's first N blocks
+    telemetry_tenant_header: str = "x-tenant"  # tenant = this header, else the body's `user`
+    telemetry_hot_prefix: int = 0         # consumer: waiting requests whose prefix was seen
+    #                                       >= N times in the window go first (0 = off)
 
     def __post_init__(self) -> None:
         _check_choice("policy", self.policy, POLICIES)
@@ -117,6 +134,7 @@ class ExtConfig:
         _check_range("tool_max_calls", self.tool_max_calls, 0)
         _check_range("lamps_starvation_steps", self.lamps_starvation_steps, 1)
         _check_branches(self)
+        _check_telemetry(self)
 
     # ---- (de)serialisation -------------------------------------------------------------
     @classmethod
@@ -226,7 +244,8 @@ def _check_branches(cfg: "ExtConfig") -> None:
 
     _check_choice("branches", cfg.branches, BRANCH_MODES)
     for name, low in (("branch_every", 1), ("branch_patience", 1), ("branch_max", 1),
-                      ("branch_max_tokens", 0), ("branch_agree", 1), ("branch_esc_window", 1),
+                      ("branch_max_tokens", 0), ("branch_agree", 1), ("branch_start", 0),
+                      ("branch_esc_window", 1),
                       ("branch_dup_tau", 0.0)):
         _check_range(name, getattr(cfg, name), low)
     _check_between("branch_tau", cfg.branch_tau, 0.0, 1.0)
@@ -236,6 +255,19 @@ def _check_branches(cfg: "ExtConfig") -> None:
                                  f"(the answer), got {cfg.branch_answer_regex!r}")
     except re.error as exc:
         raise ExtConfigError(f"{flag_name('branch_answer_regex')}: {exc}") from None
+
+
+def _check_telemetry(cfg: "ExtConfig") -> None:
+    _check_choice("telemetry_sketch", cfg.telemetry_sketch, ("cm", "cs"))
+    _check_between("telemetry_depth", cfg.telemetry_depth, 1, 16)
+    for name in ("telemetry_prefix_bytes", "telemetry_expert_bytes"):
+        _check_range(name, getattr(cfg, name), 1024)
+    _check_range("telemetry_topk_bytes", cfg.telemetry_topk_bytes, 8192 if cfg.telemetry_learned
+                 else 512)
+    for name, low in (("telemetry_window", 16), ("telemetry_rho", 0.01),
+                      ("telemetry_epoch_s", 0.01), ("telemetry_prefix_blocks", 1),
+                      ("telemetry_hot_prefix", 0)):
+        _check_range(name, getattr(cfg, name), low)
 
 
 def _check_laser(cfg: "ExtConfig") -> None:

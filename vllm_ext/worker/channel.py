@@ -44,11 +44,16 @@ class PredictionStore:
         if self.keep_history:
             entry.history.append(values)
 
-    def query(self, tag: str | None = None, req_ids: list[str] | None = None) -> dict[str, dict]:
+    def query(self, tag: str | None = None, req_ids: list[str] | None = None,
+              tag_prefix: str | None = None) -> dict[str, dict]:
+        """Entries by exact tag, by request id, or by tag prefix (a multi-branch request's
+        branches are tagged ``<tag>.b<i>``: one query reads them all, each with its tag)."""
         out = {}
         for req_id, entry in list(self.entries.items()):  # a snapshot: records may land meanwhile
-            if (tag is not None and entry.tag == tag) or (req_ids and req_id in req_ids):
-                out[req_id] = {"values": entry.latest, "probe_runs": entry.steps}
+            if (tag is not None and entry.tag == tag) or (req_ids and req_id in req_ids) or (
+                    tag_prefix and entry.tag and entry.tag.startswith(tag_prefix)):
+                out[req_id] = {"values": entry.latest, "probe_runs": entry.steps,
+                               "tag": entry.tag}
                 if self.keep_history:
                     out[req_id]["history"] = list(entry.history)
         return out

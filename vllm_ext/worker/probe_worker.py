@@ -284,9 +284,10 @@ class ProbeWorker(_BaseWorker):
         return {"probe_runs": self.ext_probe_runs, "probe_rows": self.ext_probe_rows,
                 "probe_seconds": self.ext_probe_seconds, "probes_loaded": len(self.ext_probes)}
 
-    def ext_get_predictions(self, tag: str | None = None, req_ids: list[str] | None = None):
+    def ext_get_predictions(self, tag: str | None = None, req_ids: list[str] | None = None,
+                            tag_prefix: str | None = None):
         store = getattr(self, "ext_store", None)
-        return store.query(tag=tag, req_ids=req_ids) if store else {}
+        return store.query(tag=tag, req_ids=req_ids, tag_prefix=tag_prefix) if store else {}
 
     def ext_expert_load(self, reset: bool = False, ep_devices: int | None = None,
                         placement: str = "linear") -> dict:
