@@ -2,8 +2,11 @@
 
 Paper: HACK (arXiv 2502.03589). Rule: subclass of vLLM's ``CPUAttentionBackend`` that declares
 the packed bytes per (head, token) cell (``customize_spec``), plans and applies the quantized
-writes (``engine.py``), and attends with the torch reference (``reference.py``), which computes
-the homomorphic products on codes. Installed by ``select.py`` only for ``--ext-kv-bits`` 8/4/2.
+writes (``engine.py``), and attends with the fused C++ kernel (``cpu_kernel.py``, ``csrc/``): one
+call per layer for all requests, homomorphic products on the packed codes in place. If the
+kernel cannot be built it falls back to the torch reference (``reference.py``, the oracle);
+``VLLM_EXT_HACK_CPU=ref`` selects the reference. Installed by ``select.py`` only for
+``--ext-kv-bits`` 8/4/2.
 """
 from __future__ import annotations
 
@@ -13,12 +16,17 @@ import torch
 from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
+from vllm_ext.kernels import cpu_kernel
 from vllm_ext.kernels.engine import HackAttentionImpl, HackBackendMixin
-from vllm_ext.kernels.reference import hack_attention_ref
 
 
 class HackCPUAttentionImpl(HackAttentionImpl):
-    attend = staticmethod(hack_attention_ref)
+    attend = staticmethod(cpu_kernel.hack_attention_cpu)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not cpu_kernel.use_reference():
+            cpu_kernel.load_extension()  # build (or log the fallback) at model init, not step 1
 
 
 class HackCPUAttentionBackend(HackBackendMixin, CPUAttentionBackend):

@@ -1,0 +1,130 @@
+"""HACK (arXiv 2502.03589) on CPU: the fused C++ kernel (``csrc/``), JIT-built on first use.
+
+Rule: one extension call per layer attends all requests on the packed records in place (same
+arithmetic as ``reference.hack_attention_ref``, which stays the oracle). The extension is built
+with ``torch.utils.cpp_extension.load`` into ``$VLLM_EXT_KERNEL_CACHE`` (default
+``~/.cache/vllm_ext/torch_extensions``), keyed by a hash of the sources, flags, torch version and
+this CPU's ISA flags. If it cannot build (no compiler, no ninja, ...) one warning line is logged
+and ``hack_attention_cpu`` runs the torch reference instead.
+
+``VLLM_EXT_HACK_CPU=ref`` selects the torch reference explicitly (tests, A/B runs).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import threading
+from pathlib import Path
+
+import torch
+
+from vllm_ext.kernels.kv_store import HackBatch, HackCache
+from vllm_ext.kernels.reference import hack_attention_ref
+
+logger = logging.getLogger("vllm_ext")
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = ("hack_attn.cpp",)
+HEADERS = ("hack_simd.h",)
+CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-std=c++17"]
+LDFLAGS = ["-fopenmp"]
+MAX_SPLITS = 16
+
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build_key() -> str:
+    h = hashlib.sha256()
+    for name in SOURCES + HEADERS:
+        h.update((CSRC / name).read_bytes())
+    h.update(" ".join(CFLAGS + LDFLAGS).encode())
+    h.update(torch.__version__.encode())
+    h.update(_cpu_flags().encode())
+    return h.hexdigest()[:12]
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("VLLM_EXT_KERNEL_CACHE") or \
+        os.path.join(os.path.expanduser("~"), ".cache", "vllm_ext", "torch_extensions")
+    return Path(root)
+
+
+def _build():
+    from torch.utils.cpp_extension import load
+
+    name = f"hack_cpu_{_build_key()}"
+    build_dir = cache_dir() / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    load(name=name, sources=[str(CSRC / s) for s in SOURCES],
+         extra_cflags=CFLAGS + [f"-DHACK_OPS_NS={name}"], extra_ldflags=LDFLAGS,
+         extra_include_paths=[str(CSRC)], build_directory=str(build_dir),
+         is_python_module=False, verbose=False)
+    return getattr(torch.ops, name)
+
+
+def load_extension():
+    """The compiled module, or None (logged once) if it cannot be built here."""
+    with _lock:
+        if "ext" not in _state:
+            try:
+                _state["ext"] = _build()
+            except Exception as e:  # noqa: BLE001 - any build failure means: use the reference
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                logger.warning("vllm-ext: HACK CPU kernel unavailable (%s: %s); using the torch "
+                               "reference (slow)", type(e).__name__, first[:200])
+                _state["ext"] = None
+        return _state["ext"]
+
+
+def use_reference() -> bool:
+    return os.environ.get("VLLM_EXT_HACK_CPU", "kernel").lower() in ("ref", "reference")
+
+
+def layout_args(cache: HackCache) -> list[int]:
+    lay, o = cache.layout, cache.layout.offsets
+    return [lay.bits, lay.head_size, lay.partition, lay.record_bytes, cache.block_size,
+            lay.row_bytes] + [o[k] for k in ("k_codes", "v_codes", "k_scale", "k_min",
+                                             "v_scale", "v_min", "k_sum", "v_sum")]
+
+
+def _i32(t: torch.Tensor) -> torch.Tensor:
+    t = t if t.dtype == torch.int32 else t.to(torch.int32)
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def hack_attention_kernel(ext, q: torch.Tensor, cache: HackCache, batch: HackBatch, scale: float,
+                          out: torch.Tensor | None = None,
+                          max_splits: int = MAX_SPLITS) -> torch.Tensor:
+    """The extension's attention; ``out`` (any float dtype) is written and returned."""
+    qf = q.to(torch.float32).contiguous()
+    direct = out is not None and out.dtype == torch.float32 and out.is_contiguous()
+    of = out if direct else torch.empty_like(qf)
+    ext.attention(qf, of, cache.pages, cache.stage, cache.sinks, _i32(batch.block_table),
+                  _i32(batch.seq_lens), _i32(batch.query_start_loc), _i32(batch.stage_slot),
+                  _i32(batch.sink_slot), layout_args(cache), float(scale), int(max_splits))
+    if out is None:
+        return of
+    if not direct:
+        out.copy_(of)
+    return out
+
+
+def hack_attention_cpu(q: torch.Tensor, cache: HackCache, batch: HackBatch, scale: float,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+    """HACK attention on CPU: the fused kernel, else (no compiler / ``ref``) the torch reference."""
+    ext = None if use_reference() else load_extension()
+    if ext is None:
+        return hack_attention_ref(q, cache, batch, scale, out)
+    return hack_attention_kernel(ext, q, cache, batch, scale, out)

@@ -1,0 +1,302 @@
+// HACK (arXiv 2502.03589): fused CPU attention on the quantized paged KV cache.
+//
+// Rule (same arithmetic as kernels/reference.py, the oracle): per sealed partition of Π tokens,
+// a = q * k_scale is quantized to 8 bits over the D channels and
+//   q.k_t = s_a (a'.kcode_t) + m_a ksum_t + q.k_min;
+// per partition and V group g, b_t = p_t * v_scale[t, g] is quantized to 8 bits over the tokens
+//   sum_t p_t v_t = s_b (b'.vcode) + m_b vsum + sum_t p_t v_min[t, g].
+// Sinks and the open partition are attended in 16-bit from their pools; one online softmax
+// joins the parts. One call per layer for all requests: work items are (request, KV head,
+// query-row tile, context split), run with at::parallel_for; split partials are merged after.
+// Records are read in place through the block table and unpacked into a per-partition int16
+// (K) / fp32 (V) scratch shared by the tile's query rows.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "hack_simd.h"
+
+namespace hack {
+namespace {
+
+constexpr int SINK = 4, VG = 32, BM = 32;  // sink tokens, V group, query rows per tile
+
+struct Lay {
+  int bits, D, Pi, RB, BS, row;
+  int64_t off_kc, off_vc, off_ks, off_km, off_vs, off_vm, off_ksum, off_vsum;
+};
+
+struct Item {
+  int r, h, row0, nrows, p0, p1, split;  // partitions [p0, p1); split index within its tile
+  bool dense;                             // this split also attends sinks and the open part
+};
+
+struct Ctx {
+  Lay L;
+  int H, Hq, QG;
+  float scale;
+  const float* q;
+  const uint8_t* pages;
+  int64_t s_pb, s_ph, s_pp;
+  const uint16_t* stage;
+  int64_t s_ss, s_sh;
+  const uint16_t* sinks;
+  int64_t s_ks, s_kh;
+  const int32_t *bt, *seq, *qsl, *sslot, *kslot;
+  int64_t s_bt;
+};
+
+struct Acc {  // online-softmax state of one tile: m, l, acc [BM][D]
+  float m[BM], l[BM];
+  std::vector<float> o;
+};
+
+inline const uint16_t* f16(const uint8_t* rec, int64_t off) {
+  return reinterpret_cast<const uint16_t*>(rec + off);
+}
+
+// Online-softmax step for one row over n scores (masked = -inf); returns false if all masked.
+inline bool online(Acc& A, int i, int D, const float* s, float* p, int n, float& alpha) {
+  float mx = NEG_INF;
+  for (int t = 0; t < n; ++t) mx = std::max(mx, s[t]);
+  if (mx == NEG_INF) return false;
+  const float m_new = std::max(A.m[i], mx);
+  alpha = A.m[i] == NEG_INF ? 0.f : std::exp(A.m[i] - m_new);
+  A.l[i] = A.l[i] * alpha + exp_shift(s, m_new, p, n);
+  A.m[i] = m_new;
+  return true;
+}
+
+template <bool BF16>
+void dense_part(const Ctx& C, const Item& it, const float* qt, const int* qpos, Acc& A) {
+  const int D = C.L.D, Pi = C.L.Pi, r = it.r;
+  const int L = C.seq[r], ns = L / Pi, n_open = L - ns * Pi;
+  const int sink = C.kslot[r], slot = C.sslot[r];
+  std::vector<float> kv;  // [n][2D]
+  std::vector<int> kpos;
+  auto add = [&](const uint16_t* base, int n, int pos0) {
+    size_t at = kv.size();
+    kv.resize(at + size_t(n) * 2 * D);
+    cvt16<BF16>(base, kv.data() + at, n * 2 * D);
+    for (int t = 0; t < n; ++t) kpos.push_back(pos0 + t);
+  };
+  if (sink >= 0 && ns > 0) add(C.sinks + sink * C.s_ks + it.h * C.s_kh, SINK, 0);
+  if (slot >= 0 && n_open > 0) add(C.stage + slot * C.s_ss + it.h * C.s_sh, n_open, ns * Pi);
+  const int n = int(kpos.size());
+  if (n == 0) return;
+  std::vector<float> s(n), p(n);
+  for (int i = 0; i < it.nrows; ++i) {
+    const float* qi = qt + i * D;
+    for (int t = 0; t < n; ++t)
+      s[t] = kpos[t] <= qpos[i] ? dot_f32(qi, kv.data() + size_t(t) * 2 * D, D) : NEG_INF;
+    float alpha;
+    if (!online(A, i, D, s.data(), p.data(), n, alpha)) continue;
+    float* o = A.o.data() + i * D;
+    scale_inplace(o, alpha, D);
+    for (int t = 0; t < n; ++t)
+      if (p[t] != 0.f) axpby(o, 1.0f, kv.data() + size_t(t) * 2 * D + D, p[t], D);
+  }
+}
+
+void sealed_parts(const Ctx& C, const Item& it, const float* qt, const int* qpos, Acc& A) {
+  const Lay& L = C.L;
+  const int D = L.D, Pi = L.Pi, G = D / VG, r = it.r;
+  const int ns = C.seq[r] / Pi;
+  const bool use_sinks = C.kslot[r] >= 0 && ns > 0;
+  std::vector<int16_t> kc(size_t(Pi) * D), a16(D);
+  std::vector<float> vc(size_t(Pi) * D), ks(D), km(D), ksum(Pi), vsT(size_t(G) * Pi),
+      vmT(size_t(G) * Pi), vsum(D), tmp(std::max(D, Pi)), codes(std::max(D, Pi)), s(Pi),
+      p(Pi), b(Pi), dotv(VG), qk(BM);
+  std::vector<int32_t> dots(Pi);
+  for (int part = it.p0; part < it.p1; ++part) {
+    const int kpos0 = part * Pi;
+    int first = -1;  // rows that see at least one token of this partition
+    for (int i = 0; i < it.nrows; ++i)
+      if (qpos[i] >= kpos0 && !(use_sinks && part == 0 && qpos[i] < SINK)) { first = i; break; }
+    if (first < 0) continue;
+    const int64_t blk = C.bt[r * C.s_bt + kpos0 / L.BS];
+    const uint8_t* rec = C.pages + blk * C.s_pb + it.h * C.s_ph + (kpos0 % L.BS) / Pi * C.s_pp;
+    for (int t = 0; t < Pi; ++t) {
+      unpack_i16(rec + L.off_kc + t * L.row, L.bits, D, kc.data() + t * D);
+      unpack_i16(rec + L.off_vc + t * L.row, L.bits, D, a16.data());
+      i16_to_f32(a16.data(), vc.data() + t * D, D);
+    }
+    cvt16<false>(f16(rec, L.off_ks), ks.data(), D);
+    cvt16<false>(f16(rec, L.off_km), km.data(), D);
+    i16_to_f32(reinterpret_cast<const int16_t*>(rec + L.off_ksum), ksum.data(), Pi);
+    i16_to_f32(reinterpret_cast<const int16_t*>(rec + L.off_vsum), vsum.data(), D);
+    for (int which = 0; which < 2; ++which) {  // v_scale / v_min [Π][G] -> [G][Π]
+      const uint16_t* src = f16(rec, which ? L.off_vm : L.off_vs);
+      std::vector<float>& dst = which ? vmT : vsT;
+      for (int t = 0; t < Pi; ++t)
+        for (int g = 0; g < G; ++g) dst[g * Pi + t] = h2f(src[t * G + g]);
+    }
+    for (int i = first; i < it.nrows; ++i) {
+      if (qpos[i] < kpos0) continue;
+      const float* qi = qt + i * D;
+      // scores: a = q * k_scale, 8-bit over channels; exact integer dots on the codes
+      for (int d = 0; d < D; ++d) tmp[d] = qi[d] * ks[d];
+      float s_a, m_a;
+      quant8(tmp.data(), D, s_a, m_a, codes.data());
+      for (int d = 0; d < D; ++d) a16[d] = int16_t(codes[d]);
+      const float qkm = dot_f32(qi, km.data(), D);
+      for (int t = 0; t < Pi; t += 8) kdot8(a16.data(), kc.data() + t * D, D, dots.data() + t);
+      for (int t = 0; t < Pi; ++t) {
+        const int kp = kpos0 + t;
+        const bool masked = kp > qpos[i] || (use_sinks && kp < SINK);
+        s[t] = masked ? NEG_INF : (s_a * float(dots[t]) + m_a * ksum[t]) + qkm;
+      }
+      float alpha;
+      if (!online(A, i, D, s.data(), p.data(), Pi, alpha)) continue;
+      float* o = A.o.data() + i * D;
+      scale_inplace(o, alpha, D);
+      for (int g = 0; g < G; ++g) {
+        // b = p * v_scale, 8-bit over the Π tokens; b'.vcode as exact fp32 on integers
+        const float* vs = vsT.data() + g * Pi;
+        for (int t = 0; t < Pi; ++t) b[t] = p[t] * vs[t];
+        float s_b, m_b;
+        quant8(b.data(), Pi, s_b, m_b, codes.data());
+        const float corr = dot_f32(p.data(), vmT.data() + g * Pi, Pi);
+        std::fill(dotv.begin(), dotv.end(), 0.f);
+        for (int t = 0; t < Pi; ++t)
+          if (codes[t] != 0.f) axpby(dotv.data(), 1.0f, vc.data() + t * D + g * VG, codes[t], VG);
+        float* og = o + g * VG;
+        const float* vsg = vsum.data() + g * VG;
+        for (int c = 0; c < VG; ++c) og[c] += (s_b * dotv[c] + m_b * vsg[c]) + corr;
+      }
+    }
+  }
+}
+
+template <bool BF16>
+void run_item(const Ctx& C, const Item& it, Acc& A, float* q_tile) {
+  const int D = C.L.D, r = it.r;
+  const int q0 = C.qsl[r], n = C.qsl[r + 1] - q0, L = C.seq[r];
+  int qpos[BM];
+  for (int i = 0; i < it.nrows; ++i) {
+    const int row = it.row0 + i, tok = row / C.QG, hq = it.h * C.QG + row % C.QG;
+    qpos[i] = L - n + tok;
+    const float* src = C.q + (int64_t(q0 + tok) * C.Hq + hq) * D;
+    for (int d = 0; d < D; ++d) q_tile[i * D + d] = src[d] * C.scale;
+    A.m[i] = NEG_INF;
+    A.l[i] = 0.f;
+  }
+  std::fill(A.o.begin(), A.o.end(), 0.f);
+  if (it.dense) dense_part<BF16>(C, it, q_tile, qpos, A);
+  sealed_parts(C, it, q_tile, qpos, A);
+}
+
+}  // namespace
+
+// q, out: fp32 [T, Hq, D] contiguous. lay: bits, D, Pi, RB, BS, row, 8 field offsets.
+void attention(const at::Tensor& q, const at::Tensor& out, const at::Tensor& pages,
+               const at::Tensor& stage, const at::Tensor& sinks, const at::Tensor& block_table,
+               const at::Tensor& seq_lens, const at::Tensor& qsl, const at::Tensor& stage_slot,
+               const at::Tensor& sink_slot, c10::IntArrayRef lay, double scale,
+               int64_t max_splits) {
+  TORCH_CHECK(q.is_contiguous() && out.is_contiguous() && q.scalar_type() == at::kFloat &&
+              out.scalar_type() == at::kFloat, "hack_cpu.attention: fp32 contiguous q/out");
+  TORCH_CHECK(pages.scalar_type() == at::kByte && pages.dim() == 4 && pages.stride(3) == 1);
+  TORCH_CHECK(stage.scalar_type() == sinks.scalar_type() && stage.stride(3) == 1 &&
+              sinks.stride(3) == 1);
+  const bool bf16 = stage.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(bf16 || stage.scalar_type() == at::kHalf, "16-bit pools must be bf16 or fp16");
+  for (auto* t : {&block_table, &seq_lens, &qsl, &stage_slot, &sink_slot})
+    TORCH_CHECK(t->scalar_type() == at::kInt && t->stride(-1) == 1, "int32 metadata");
+  Ctx C;
+  C.L = Lay{int(lay[0]), int(lay[1]), int(lay[2]), int(lay[3]), int(lay[4]), int(lay[5]),
+            lay[6], lay[7], lay[8], lay[9], lay[10], lay[11], lay[12], lay[13]};
+  C.H = pages.size(1), C.Hq = q.size(1), C.QG = C.Hq / C.H, C.scale = float(scale);
+  C.q = q.data_ptr<float>();
+  C.pages = pages.data_ptr<uint8_t>();
+  C.s_pb = pages.stride(0), C.s_ph = pages.stride(1), C.s_pp = pages.stride(2);
+  C.stage = reinterpret_cast<const uint16_t*>(stage.data_ptr());
+  C.s_ss = stage.stride(0), C.s_sh = stage.stride(1);
+  C.sinks = reinterpret_cast<const uint16_t*>(sinks.data_ptr());
+  C.s_ks = sinks.stride(0), C.s_kh = sinks.stride(1);
+  C.bt = block_table.data_ptr<int32_t>(), C.s_bt = block_table.stride(0);
+  C.seq = seq_lens.data_ptr<int32_t>(), C.qsl = qsl.data_ptr<int32_t>();
+  C.sslot = stage_slot.data_ptr<int32_t>(), C.kslot = sink_slot.data_ptr<int32_t>();
+  const int D = C.L.D, Pi = C.L.Pi, R = seq_lens.size(0);
+
+  std::vector<Item> items;  // tiles first, to count them, then split
+  for (int r = 0; r < R; ++r) {
+    const int n = C.qsl[r + 1] - C.qsl[r];
+    for (int h = 0; h < C.H; ++h)
+      for (int row0 = 0; row0 < n * C.QG; row0 += BM) {
+        const int nrows = std::min(BM, n * C.QG - row0);
+        const int max_qpos = C.seq[r] - n + (row0 + nrows - 1) / C.QG;
+        const int np = std::min(C.seq[r] / Pi, max_qpos / Pi + 1);
+        items.push_back(Item{r, h, row0, nrows, 0, np, 0, true});
+      }
+  }
+  const int threads = at::get_num_threads();
+  const int64_t tiles = int64_t(items.size());
+  std::vector<Item> work;
+  std::vector<int> first_split(tiles), n_split(tiles);
+  for (int64_t k = 0; k < tiles; ++k) {
+    const Item& it = items[k];
+    const int np = it.p1;
+    int S = int(std::min<int64_t>(max_splits, (2 * threads + tiles - 1) / tiles));
+    S = std::max(1, std::min(S, np / 4));  // at least 4 partitions per split
+    first_split[k] = int(work.size()), n_split[k] = S;
+    for (int s = 0; s < S; ++s)
+      work.push_back(Item{it.r, it.h, it.row0, it.nrows, np * s / S, np * (s + 1) / S, s,
+                          s == 0});
+  }
+  const int64_t W = int64_t(work.size());
+  std::vector<float> part(W > tiles ? size_t(W) * BM * (D + 2) : 0);
+  float* o = out.data_ptr<float>();
+  auto store = [&](const Item& it, const float* acc, const float* l) {
+    const int q0 = C.qsl[it.r];
+    for (int i = 0; i < it.nrows; ++i) {
+      const int row = it.row0 + i, tok = row / C.QG, hq = it.h * C.QG + row % C.QG;
+      float* dst = o + (int64_t(q0 + tok) * C.Hq + hq) * D;
+      const float inv = l[i] > 0 ? l[i] : 1.0f;
+      for (int d = 0; d < D; ++d) dst[d] = acc[i * D + d] / inv;
+    }
+  };
+  at::parallel_for(0, W, 1, [&](int64_t b, int64_t e) {
+    Acc A;
+    A.o.resize(size_t(BM) * D);
+    std::vector<float> q_tile(size_t(BM) * D);
+    for (int64_t w = b; w < e; ++w) {
+      const Item& it = work[w];
+      if (bf16) run_item<true>(C, it, A, q_tile.data());
+      else run_item<false>(C, it, A, q_tile.data());
+      if (W == tiles) { store(it, A.o.data(), A.l); continue; }
+      float* dst = part.data() + size_t(w) * BM * (D + 2);
+      std::copy(A.o.begin(), A.o.begin() + size_t(it.nrows) * D, dst);
+      std::copy(A.m, A.m + it.nrows, dst + BM * D);
+      std::copy(A.l, A.l + it.nrows, dst + BM * (D + 1));
+    }
+  });
+  if (W == tiles) return;
+  at::parallel_for(0, tiles, 1, [&](int64_t b, int64_t e) {  // merge the splits of each tile
+    std::vector<float> acc(size_t(BM) * D), l(BM);
+    for (int64_t k = b; k < e; ++k) {
+      const Item& it = work[first_split[k]];
+      for (int i = 0; i < it.nrows; ++i) {
+        float M = NEG_INF;
+        for (int s = 0; s < n_split[k]; ++s)
+          M = std::max(M, part[size_t(first_split[k] + s) * BM * (D + 2) + BM * D + i]);
+        l[i] = 0.f;
+        std::fill(acc.begin() + i * D, acc.begin() + (i + 1) * D, 0.f);
+        for (int s = 0; s < n_split[k]; ++s) {
+          const float* src = part.data() + size_t(first_split[k] + s) * BM * (D + 2);
+          if (src[BM * D + i] == NEG_INF) continue;
+          const float w = std::exp(src[BM * D + i] - M);
+          l[i] += src[BM * (D + 1) + i] * w;
+          axpby(acc.data() + i * D, 1.0f, src + i * D, w, D);
+        }
+      }
+      store(it, acc.data(), l.data());
+    }
+  });
+}
+
+}  // namespace hack
+
+TORCH_LIBRARY(HACK_OPS_NS, m) { m.def("attention", &hack::attention); }
