@@ -16,6 +16,9 @@ a single API server), yields them at scrape time:
   vllm_ext_kv_cache_bits                               KV cache bits in use
   vllm_ext_step_cost_seconds{term}                     base / per_token step cost fitted online
                                                        (cost-aware preemption), once calibrated
+  vllm_ext_telemetry_*                                 with --ext-telemetry: sketch memory,
+                                                       top prefixes / tenants, per-expert load
+                                                       (`vllm_ext.telemetry.export`)
 With several API servers (``--api-server-count`` > 1) vLLM switches to a multiprocess registry
 that these collected values do not reach; they are then absent from ``/metrics``.
 """
@@ -87,6 +90,9 @@ class ExtCollector:
             for name, value in layers.items():
                 load.add_metric([name], value)
             yield load
+        if snap.get("telemetry"):
+            from vllm_ext.telemetry.export import families
+            yield from families(snap["telemetry"])
 
 
 def _cumulative(edges, counts) -> list[tuple[str, float]]:
@@ -122,9 +128,19 @@ async def refresh(app) -> None:
             reports = await asyncio.wait_for(engine.collective_rpc("ext_expert_load"),
                                              RPC_TIMEOUT_S)
             snap["expert_load"] = expert_imbalance(reports)
+        if config.get("telemetry"):
+            snap["telemetry"] = await _telemetry(app)
         target.snapshot = snap
     except Exception as exc:
         logger.warning("vllm-ext: /metrics could not refresh engine counters: %s", exc)
+
+
+async def _telemetry(app) -> dict | None:
+    from vllm_ext.telemetry.export import Query
+    from vllm_ext.telemetry.hub import hub_for
+
+    hub = hub_for(app)
+    return None if hub is None else await hub.payload(app.state.engine_client, Query())
 
 
 def expert_imbalance(reports: list) -> dict[str, float]:

@@ -36,6 +36,7 @@ from vllm_ext.config import LIVE_FIELDS, POLICIES, ExtConfig
 from vllm_ext.server import admin
 
 CONFIG_PATH = "/v1/ext/config"
+TELEMETRY_PATH = "/v1/ext/telemetry"  # vllm_ext.telemetry
 ADMIN_PATH, STATE_PATH = admin.ADMIN_PATH, admin.STATE_PATH
 OTHER_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 
@@ -227,6 +228,15 @@ async def get_admin_state(request: Request):
         return _error(exc)
 
 
+async def get_telemetry(request: Request):
+    """Top prefixes and tenants in the last W requests, prefix counts over ``range_s`` and
+    per-expert load over ``windows`` (docs/telemetry.md); 400 names a bad parameter."""
+    from vllm_ext.telemetry.hub import telemetry_response
+
+    status, body = await telemetry_response(request.app, request.query_params)
+    return ExtJSONResponse(body, status_code=status)
+
+
 def _wrong_method(path: str, allowed: str):
     async def wrong_method(request: Request):  # the token first: nothing said without it
         try:
@@ -248,6 +258,10 @@ router.add_api_route(
 router.add_api_route(STATE_PATH, get_admin_state, methods=["GET"],
                      response_model=AdminStateResponse, responses=_errors(401, 403),
                      summary="Per-request state sizes and free KV blocks")
+router.add_api_route(
+    TELEMETRY_PATH, get_telemetry, methods=["GET"], summary="Telemetry in small memory",
+    responses={400: {"model": ErrorResponse, "description": "bad query parameter"},
+               404: {"model": ErrorResponse, "description": "telemetry off"}})
 router.add_api_route(ADMIN_PATH, _wrong_method(ADMIN_PATH, "POST"), include_in_schema=False,
                      methods=[m for m in OTHER_METHODS if m != "POST"])
 router.add_api_route(STATE_PATH, _wrong_method(STATE_PATH, "GET"), include_in_schema=False,

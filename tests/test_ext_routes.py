@@ -14,7 +14,7 @@ MIDDLEWARE = "vllm_ext.server.middleware.ExtMiddleware"
 TOKEN = "routes-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 EXT_PATHS = {"/v1/ext/config": {"get"}, "/v1/ext/admin/config": {"post"},
-             "/v1/ext/admin/state": {"get"}}
+             "/v1/ext/admin/state": {"get"}, "/v1/ext/telemetry": {"get"}}
 
 
 class _EngineCore:

@@ -21,6 +21,7 @@ from vllm_ext.server.admin import TOKEN_ENV
 SCHEDULER_CLS = "vllm_ext.sched.scheduler.PredictiveScheduler"
 WORKER_CLS = "vllm_ext.worker.probe_worker.ProbeWorker"
 MIDDLEWARE = "vllm_ext.server.middleware.ExtMiddleware"
+TENANT_MIDDLEWARE = "vllm_ext.telemetry.tenants.TenantMiddleware"
 DEFAULT_SERVED_NAME = "tiny-moe-reasoner"
 
 
@@ -62,6 +63,7 @@ def ext_arg_parser() -> argparse.ArgumentParser:
                    help="MoE routing: topk = vLLM's own, laser = load-aware LASER, "
                         "least_loaded = evaluation baseline (docs/laser.md)")
     _add_laser_flags(g)
+    _add_telemetry_flags(g)
     g.add_argument("--ext-kv-bits", type=int, choices=KV_BITS, default=16,
                    help="KV cache bits; 8/4/2 = HACK attention on quantized KV (16 = stock)")
     g.add_argument("--ext-kv-partition", type=int, choices=KV_PARTITIONS, default=64,
@@ -145,6 +147,47 @@ def _add_laser_flags(g) -> None:
                    help="load stats: experts mapped onto N expert-parallel devices")
 
 
+def _add_telemetry_flags(g) -> None:
+    d = ExtConfig
+    g.add_argument("--ext-telemetry", action="store_true",
+                   help="telemetry in small memory: prefix popularity, per-expert load (implies "
+                        "--ext-moe-track-load) and top tenants on /metrics and "
+                        "GET /v1/ext/telemetry (docs/telemetry.md)")
+    g.add_argument("--ext-telemetry-sketch", choices=("cm", "cs"), default=d.telemetry_sketch,
+                   help="telemetry: Count-Min or Count Sketch fragments")
+    g.add_argument("--ext-telemetry-depth", type=int, default=d.telemetry_depth,
+                   help="telemetry: sketch rows (CM fails with probability e^-depth)")
+    for name, what in (("prefix", "prefix-block sketch fragments (engine)"),
+                       ("expert", "per-expert load fragments (API server)"),
+                       ("topk", "each top-k tracker over the last W requests")):
+        g.add_argument(f"--ext-telemetry-{name}-bytes", type=int, metavar="BYTES",
+                       default=getattr(d, f"telemetry_{name}_bytes"),
+                       help=f"telemetry: memory of the {what}")
+    g.add_argument("--ext-telemetry-window", type=int, default=d.telemetry_window, metavar="W",
+                   help="telemetry: top prefixes / tenants over the last W requests")
+    g.add_argument("--ext-telemetry-no-learned", action="store_true",
+                   help="telemetry: plain WCSS top-k (no learned next-arrival filter)")
+    g.add_argument("--ext-telemetry-rho", type=float, default=d.telemetry_rho,
+                   help="telemetry: items per counter before a fragment closes")
+    g.add_argument("--ext-telemetry-epoch-s", type=float, default=d.telemetry_epoch_s,
+                   help="telemetry: longest sub-epoch of a fragment, seconds")
+    g.add_argument("--ext-telemetry-prefix-blocks", type=int, default=d.telemetry_prefix_blocks,
+                   help="telemetry: a top-k prefix is a request's first N KV blocks")
+    g.add_argument("--ext-telemetry-tenant-header", default=d.telemetry_tenant_header,
+                   help="telemetry: tenant = this request header, else the body's `user`")
+    g.add_argument("--ext-telemetry-hot-prefix", type=int, default=d.telemetry_hot_prefix,
+                   metavar="N", help="scheduler hint: waiting requests whose prefix arrived >= N "
+                                     "times in the window go first (0 = off)")
+
+
+def _telemetry_settings(ns: argparse.Namespace) -> dict:
+    names = ("sketch", "depth", "prefix_bytes", "expert_bytes", "topk_bytes", "window", "rho",
+             "epoch_s", "prefix_blocks", "tenant_header", "hot_prefix")
+    out = {f"telemetry_{n}": getattr(ns, f"ext_telemetry_{n}") for n in names}
+    out.update(telemetry=ns.ext_telemetry, telemetry_learned=not ns.ext_telemetry_no_learned)
+    return out
+
+
 def ext_config_from_args(ns: argparse.Namespace) -> ExtConfig:
     return ExtConfig.from_dict({
         "policy": ns.ext_policy,
@@ -167,7 +210,7 @@ def ext_config_from_args(ns: argparse.Namespace) -> ExtConfig:
         "laser_load_decay": ns.ext_laser_load_decay,
         "laser_rounds": ns.ext_laser_rounds,
         "laser_bands": parse_laser_bands(ns.ext_laser_bands),
-        "moe_track_load": ns.ext_moe_track_load,
+        "moe_track_load": ns.ext_moe_track_load or ns.ext_telemetry,
         "moe_ep_devices": ns.ext_moe_ep_devices,
         "kv_bits": ns.ext_kv_bits,
         "kv_partition": ns.ext_kv_partition,
@@ -189,6 +232,7 @@ def ext_config_from_args(ns: argparse.Namespace) -> ExtConfig:
         "branch_esc_window": ns.ext_branch_esc_window,
         "branch_start": ns.ext_branch_start,
         "branch_answer_regex": ns.ext_branch_answer_regex,
+        **_telemetry_settings(ns),
     })
 
 
@@ -219,6 +263,8 @@ def build_vllm_argv(rest: list[str], ext: ExtConfig) -> list[str]:
             argv += [flag, value]
     argv += ["--scheduler-cls", SCHEDULER_CLS, "--worker-cls", WORKER_CLS,
              "--middleware", MIDDLEWARE]
+    if ext.telemetry:
+        argv += ["--middleware", TENANT_MIDDLEWARE]
     return _merge_additional_config(argv, ext)
 
 
@@ -313,6 +359,8 @@ commands:
         branch correctness)
   simulate mg1|profile|replay|scale [args]
         queueing simulator: closed-form checks, engine calibration, replay, scale study
+  telemetry merge URL|FILE [...]
+        merge the GET /v1/ext/telemetry JSON of several servers (docs/telemetry.md)
   build-default-model
         build the embedded default model now and print its path
 """
@@ -340,6 +388,9 @@ def main(argv: list[str] | None = None) -> None:
     elif command == "simulate":
         from vllm_ext.sim.cli import main as sim_main
         sim_main(rest)
+    elif command == "telemetry":
+        from vllm_ext.telemetry.cli import main as telemetry_main
+        telemetry_main(rest)
     elif command == "build-default-model":
         from vllm_ext.testbed.model import default_model_path
         print(default_model_path())

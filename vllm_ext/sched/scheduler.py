@@ -44,6 +44,7 @@ from vllm_ext.sched.pauses import ToolPauses, extra_args
 from vllm_ext.sched.policy import TRUE_LEN_KEY, FcfsPolicy, RequestView
 from vllm_ext.sched.stats import SchedStats
 from vllm_ext.sched.step_cost import StepCostFit
+from vllm_ext.telemetry.engine import SchedulerTelemetry
 
 logger = init_logger(__name__)
 
@@ -91,6 +92,7 @@ class _PredictiveMixin:
         self.ext_preempt_cause = "kv_pressure"  # "policy" while _preempt_for preempts
         self.ext_step_cost = StepCostFit()
         self.ext_pauses = ToolPauses()  # requests paused for a tool call (LAMPS)
+        self.ext_telemetry = SchedulerTelemetry.build(self.ext_config)  # or None
         self.ext_last_update: float | None = None  # perf_counter of the last busy step's end
         # starvation bound: the next time a running / waiting request becomes overdue
         self.ext_now = time.time()
@@ -113,6 +115,8 @@ class _PredictiveMixin:
         self.ext_dirty = self.ext_waiting_dirty = True
         self.ext_pauses.on_add(request)
         super().add_request(request)
+        if self.ext_telemetry is not None:
+            self.ext_telemetry.on_request(request, self)
 
     def _update_request_as_session(self, session: Request, update) -> None:
         """A paused request's next input (a tool result) arrived: one whose KV was discarded
@@ -139,6 +143,8 @@ class _PredictiveMixin:
         between, every running request's remaining length counts down by one per token and
         waiting keys are fixed, so the order holds and no new preemption can become due
         (victims only get shorter and less preemptible)."""
+        if self.ext_telemetry is not None:  # hot-prefix hint (vllm_ext.telemetry.engine)
+            self.ext_telemetry.before_schedule(self.waiting)
         if not self.ext_policy.reorders:
             return super().schedule(*args, **kwargs)
         self.ext_now = time.time()  # the clock of request.arrival_time
@@ -198,6 +204,8 @@ class _PredictiveMixin:
         self.ext_predictions.pop(req_id, None)
         self.ext_waiting_keys.pop(req_id, None)
         self.ext_pauses.forget(request)
+        if self.ext_telemetry is not None:
+            self.ext_telemetry.forget(req_id)
         forget = getattr(self.ext_policy, "forget", None)
         if forget is not None:
             self._guard(forget, req_id)
@@ -218,6 +226,9 @@ class _PredictiveMixin:
             self.ext_policy.call_s = float(predicted_s)
         self.ext_dirty = self.ext_waiting_dirty = True
         return done
+
+    def ext_telemetry_report(self, *args) -> dict | None:
+        return None if self.ext_telemetry is None else self.ext_telemetry.report(*args)
 
     def ext_get_config(self) -> dict:
         return {**self.ext_config.to_dict(), "active_policy": self.ext_policy.name,

@@ -1,0 +1,200 @@
+"""Where the telemetry is fed: prefix popularity in the scheduler, expert load and tenants in
+the API server. The structures are `fragments` (DiSketch, arXiv 2503.13515) and `learned`
+(LWCSS, arXiv 2409.11516); this module only decides what goes into them.
+
+* `PrefixTelemetry` (EngineCore, `PredictiveScheduler.add_request`): every arriving request's
+  prefix-block hashes (vLLM's ``Request.block_hashes``: block i's hash covers the whole prompt
+  prefix up to block i) go into a fragmented sketch, so the popularity of any prefix over any
+  time range can be asked; one item per request - the hash of its first
+  ``telemetry_prefix_blocks`` blocks (fewer if the prompt is shorter) - goes into the top-k
+  tracker over the last W requests, with the first block (the template) and the prompt length
+  as the predictor's extra features.
+* `ExpertTelemetry` (API server): per-expert routed tokens from the MoE load counters (the
+  ``ext_expert_load`` worker RPC, one "device" per expert so ``device_tokens`` is the per-expert
+  total), fed as the change since the previous pull, so a sub-epoch's resolution is the pull
+  interval (every ``/metrics`` scrape and ``/v1/ext/telemetry`` call).
+* `TenantTelemetry` (API server): the request's tenant (header or ``user`` field) into a
+  top-k tracker over the last W requests.
+"""
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+
+from vllm_ext.telemetry.fragments import FragmentedSketch
+from vllm_ext.telemetry.hashing import key_of
+from vllm_ext.telemetry.learned import LearnedWindow
+from vllm_ext.telemetry.wcss import WindowSpaceSaving
+
+COUNTER_BYTES = 40        # WCSS cost per counter: its Space Saving entry + its share of overflows
+PREDICTOR_BYTES = 3072    # 2^8 float32 weights + 64 sampled arrivals x 32 B
+MIN_COUNTERS = 8
+
+
+def node_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def tracker(budget_bytes: int, window: int, learned: bool):
+    """A top-k tracker of `budget_bytes`: LWCSS (predictor + two Bloom filters of an eighth of
+    the budget each + counters) or plain WCSS (all counters)."""
+    if not learned:
+        return WindowSpaceSaving(window, max(MIN_COUNTERS, budget_bytes // COUNTER_BYTES))
+    bloom_bytes = max(64, budget_bytes // 8)
+    rest = budget_bytes - PREDICTOR_BYTES - 2 * bloom_bytes
+    return LearnedWindow(window, max(MIN_COUNTERS, rest // COUNTER_BYTES),
+                         bloom_bits=8 * bloom_bytes)
+
+
+def fragmented(cfg, budget_bytes: int, node: str) -> FragmentedSketch:
+    return FragmentedSketch(kind=cfg.telemetry_sketch, depth=cfg.telemetry_depth,
+                            budget_bytes=budget_bytes, fragment_bytes=max(budget_bytes // 8, 1024),
+                            rho=cfg.telemetry_rho, epoch_s=cfg.telemetry_epoch_s, node=node)
+
+
+def _add_top(top, key: int, extra=()) -> None:
+    if isinstance(top, LearnedWindow):
+        top.add(key, extra)
+    else:
+        top.add(key)
+
+
+def _tracker_stats(top) -> dict:
+    out = {"window": top.window, "counters": top.wcss.counters if isinstance(top, LearnedWindow)
+           else top.counters, "memory_bytes": top.memory_bytes,
+           "error_bound": top.error_bound(), "learned": isinstance(top, LearnedWindow)}
+    if isinstance(top, LearnedWindow):
+        out.update(filtered=top.filtered, guarded=top.guarded, labels=top.predictor.labels)
+    return out
+
+
+@dataclass
+class PrefixTelemetry:
+    cfg: object
+    node: str = field(default_factory=node_name)
+
+    def __post_init__(self) -> None:
+        self.sketch = fragmented(self.cfg, self.cfg.telemetry_prefix_bytes, self.node)
+        self.top = tracker(self.cfg.telemetry_topk_bytes, self.cfg.telemetry_window,
+                           self.cfg.telemetry_learned)
+        self.depth: dict[int, int] = {}  # top-k item key -> its prefix length in blocks
+        self.requests = 0
+        self.blocks = 0
+        self.unhashed = 0  # requests without a full block (or prefix caching off)
+
+    def on_request(self, block_hashes, num_prompt_tokens: int, now: float | None = None) -> None:
+        self.requests += 1
+        if not block_hashes:
+            self.unhashed += 1
+            return
+        now = time.time() if now is None else now
+        self.sketch.add(block_hashes, now=now)
+        self.blocks += len(block_hashes)
+        depth = min(len(block_hashes), self.cfg.telemetry_prefix_blocks)
+        key = key_of(block_hashes[depth - 1])
+        _add_top(self.top, key, (("first", key_of(block_hashes[0])),
+                                 ("len", int(math.log2(1 + num_prompt_tokens)))))
+        self.depth[key] = depth
+        if len(self.depth) > 4 * self.cfg.telemetry_window:
+            live = self.top.wcss.keys() if isinstance(self.top, LearnedWindow) else self.top.keys()
+            self.depth = {k: d for k, d in self.depth.items() if k in live}
+
+    def is_hot(self, key: int, min_count: int) -> bool:
+        return self.top.wcss.query(key) >= min_count if isinstance(self.top, LearnedWindow) \
+            else self.top.query(key) >= min_count
+
+    def report(self, top_k: int = 10, range_s: float = 60.0, full: bool = False,
+               now: float | None = None) -> dict:
+        """What ``ext_telemetry`` returns: the top prefixes over the last W requests, their
+        counts over the last `range_s` seconds from the fragments, sizes, and (`full`) the
+        fragments themselves for a cross-replica merge."""
+        now = time.time() if now is None else now
+        self.sketch.tick(now)
+        top = self.top.top(top_k)
+        est = self.sketch.estimate([k for k, _ in top], now - range_s, math.inf, now=now)
+        rows = [{"prefix": f"{k:016x}", "blocks": self.depth.get(k, 0), "window_count": int(c),
+                 "range_count": float(v)} for (k, c), v in zip(top, est.values)]
+        out = {"node": self.node, "time": now, "requests": self.requests,
+               "blocks": self.blocks, "unhashed": self.unhashed, "top": rows,
+               "range_s": range_s, "range_bound": est.bound,
+               "range_failure_probability": est.failure_probability,
+               "range_covered": [est.start, est.end], "tracker": _tracker_stats(self.top),
+               "sketch": {"kind": self.sketch.kind, "depth": self.sketch.depth,
+                          "memory_bytes": self.sketch.memory_bytes,
+                          "budget_bytes": self.sketch.budget_bytes,
+                          "fragments": len(self.sketch.all_fragments()),
+                          "dropped": self.sketch.dropped, "items": self.sketch.items}}
+        if full:
+            out["fragments"] = self.sketch.to_dict()
+        return out
+
+
+@dataclass
+class ExpertTelemetry:
+    cfg: object
+    node: str = field(default_factory=node_name)
+
+    def __post_init__(self) -> None:
+        self.sketch = fragmented(self.cfg, self.cfg.telemetry_expert_bytes, self.node)
+        self.last: dict[tuple[str, int], float] = {}
+        self.experts: dict[str, int] = {}  # layer -> number of experts
+
+    def feed(self, reports, now: float | None = None) -> None:
+        """`reports`: one ``load_report`` per worker, taken with ``ep_devices`` = experts."""
+        now = time.time() if now is None else now
+        keys, counts = [], []
+        for report in reports or []:
+            for layer in (report or {}).get("layers", []):
+                name, tokens = str(layer["layer"]), layer.get("device_tokens") or []
+                self.experts[name] = len(tokens)
+                for e, total in enumerate(tokens):
+                    before = self.last.get((name, e), 0.0)
+                    delta = total - before if total >= before else total  # counters were reset
+                    self.last[(name, e)] = total
+                    if delta > 0:
+                        keys.append(key_of((name, e)))
+                        counts.append(int(round(delta)))
+        self.sketch.tick(now)
+        if keys:
+            self.sketch.add(keys, counts, now=now)
+
+    def windows(self, seconds: list[float], now: float | None = None) -> dict:
+        now = time.time() if now is None else now
+        out = {}
+        for s in seconds:
+            layers, bound = {}, 0.0
+            for name, n in self.experts.items():
+                est = self.sketch.estimate([key_of((name, e)) for e in range(n)], now - s,
+                                           math.inf, now=now)
+                layers[name] = [max(0.0, float(v)) for v in est.values]
+                bound = max(bound, est.bound)
+            out[f"{s:g}"] = {"layers": layers, "bound": bound}
+        return out
+
+
+@dataclass
+class TenantTelemetry:
+    cfg: object
+
+    def __post_init__(self) -> None:
+        self.top = tracker(self.cfg.telemetry_topk_bytes, self.cfg.telemetry_window,
+                           self.cfg.telemetry_learned)
+        self.names: dict[int, str] = {}
+        self.requests = 0
+
+    def on_request(self, tenant: str) -> None:
+        self.requests += 1
+        key = key_of(tenant)
+        _add_top(self.top, key)
+        self.names[key] = tenant[:64]
+        if len(self.names) > 4 * self.cfg.telemetry_window:
+            live = self.top.wcss.keys() if isinstance(self.top, LearnedWindow) else self.top.keys()
+            self.names = {k: n for k, n in self.names.items() if k in live}
+
+    def report(self, top_k: int) -> dict:
+        return {"requests": self.requests, "tracker": _tracker_stats(self.top),
+                "top": [{"tenant": self.names.get(k, f"{k:016x}"), "window_count": int(c)}
+                        for k, c in self.top.top(top_k)]}
