@@ -195,3 +195,38 @@ def test_counters_parsed_by_label():
     assert (got["preemptions_policy"], got["preemptions_kv_pressure"]) == (3.0, 1.0)
     assert (got["tool_preserve"], got["tool_discard"]) == (5.0, 7.0)
     assert got["probe_runs"] == 0.0
+
+
+def test_multi_branch_configs_send_n_temperature_seed_and_their_xargs():
+    from argparse import Namespace
+
+    from vllm_ext.bench.cli import with_sampling
+    from vllm_ext.bench.loadgen import request_body
+    from vllm_ext.bench.same_server import live_settings
+    from vllm_ext.bench.workload import testbed_requests
+
+    live, xargs = live_settings("d", "--ext-branches duchess --ext-branch-tau 0.3 "
+                                     "--ext-policy trail")
+    assert live["policy"] == "trail"
+    assert xargs == {"ext_branches": "duchess", "ext_branch_tau": 0.3}
+    assert live_settings("sc", "--ext-branches sc")[1] == {"ext_branches": "sc"}
+    reqs = testbed_requests(3, 2.0, 0, kinds=["add"])
+    assert all(r.meta["kind"] == "add" and r.meta["answer"] for r in reqs)
+    args = Namespace(n=4, temperature=1.0, seed=2)
+    sent = [request_body("m", r, True, False) for r in with_sampling(args, reqs, xargs)]
+    assert {b["n"] for b in sent} == {4} and {b["temperature"] for b in sent} == {1.0}
+    assert len({b["seed"] for b in sent}) == 3  # per request, the same in every config
+    assert all(b["vllm_xargs"]["ext_branches"] == "duchess" for b in sent)
+    plain = request_body("m", with_sampling(Namespace(n=1, temperature=0.0, seed=0), reqs)[0],
+                         True, False)
+    assert plain["temperature"] == 0.0 and "n" not in plain
+    with pytest.raises(SystemExit, match="--temperature"):
+        with_sampling(Namespace(n=2, temperature=0.0, seed=0), reqs)
+
+
+def test_accuracy_counts_failed_requests_as_wrong():
+    recs = [RequestRecord(0, 0.0, e2el_s=1.0, ttft_s=0.5, text="x\nanswer: 12", meta={"answer": "12"}),
+            RequestRecord(1, 0.1, e2el_s=1.0, ttft_s=0.5, text="answer: 3", meta={"answer": "4"}),
+            RequestRecord(2, 0.2, error="HTTP 500", meta={"answer": "1"})]
+    assert summarize(recs, 2.0)["accuracy"] == pytest.approx(1 / 3)
+    assert "accuracy" not in summarize([RequestRecord(0, 0.0, e2el_s=1.0, ttft_s=0.5)], 1.0)

@@ -36,6 +36,12 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--tools", action="store_true",
                    help="testbed tool tasks only, their calls run in the server (LAMPS)")
+    p.add_argument("--task-kinds", type=lambda s: s.split(","), metavar="K1,K2",
+                   help="testbed task kinds only (e.g. add,sub,mul,gcd,sort,count)")
+    p.add_argument("--n", type=int, default=1,
+                   help="completions per request (multi-branch with --ext-branches)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature (> 0 for --n > 1)")
     p.add_argument("--warmup", type=int, default=0, help="leading requests left out of stats")
     p.add_argument("--duration", type=float, help="send only requests arriving before this (s)")
     p.add_argument("--ignore-eos", action="store_true")
@@ -52,8 +58,22 @@ def _requests(args, rate: float):
             return parse_trace(args.trace.replace("{rate}", str(rate)))
         except TraceError as exc:
             sys.exit(f"vllm-ext bench: --trace: {exc}")
-    return testbed_requests(args.num_requests, rate, args.seed, args.arrival, args.cv,
-                            args.max_tokens, tools=args.tools)
+    return with_sampling(args, testbed_requests(
+        args.num_requests, rate, args.seed, args.arrival, args.cv, args.max_tokens,
+        tools=args.tools, kinds=args.task_kinds))
+
+
+def with_sampling(args, reqs, xargs: dict | None = None):
+    """`reqs` sent with --n / --temperature (seeded per request) and extra vllm_xargs."""
+    from dataclasses import replace
+
+    if args.n > 1 and args.temperature <= 0:
+        sys.exit("vllm-ext bench: --n > 1 needs --temperature > 0 (vLLM refuses greedy n > 1)")
+    sampling = {"n": args.n, "temperature": args.temperature} \
+        if args.n > 1 or args.temperature > 0 else {}
+    return [replace(r, meta={**r.meta, "sampling": {**sampling, "seed": args.seed * 100003 + i}
+                             if sampling else {}, "xargs": xargs or {}})
+            for i, r in enumerate(reqs)]
 
 
 def _measure(base_url: str, model: str, args, rate: float):

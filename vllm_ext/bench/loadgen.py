@@ -19,11 +19,13 @@ from vllm_ext.bench.workload import BenchRequest
 
 
 def request_body(model: str, req: BenchRequest, send_true_len: bool, ignore_eos: bool) -> dict:
+    sampling = req.meta.get("sampling") or {}  # e.g. n, temperature, seed (multi-branch runs)
     body = {"model": model, "prompt": req.prompt, "max_tokens": req.max_tokens,
-            "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
+            "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True},
+            **sampling}
     if ignore_eos:
         body["ignore_eos"] = True
-    xargs = {}
+    xargs = dict(req.meta.get("xargs") or {})
     if send_true_len and req.true_output_len is not None:
         xargs["ext_true_output_len"] = req.true_output_len
     if req.meta.get("tools"):
@@ -59,6 +61,10 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict, rec: RequestReco
                 if calls is not None:  # server-side tool calls (LAMPS): their time
                     rec.meta["tool_calls"] = len(calls)
                     rec.meta["tool_s"] = sum(c["seconds"] for c in calls)
+                branches = (chunk.get("vllm_ext") or {}).get("branches")
+                if branches:  # a multi-branch request (DUCHESS): its branch counts
+                    rec.meta["branches_run"] = branches["branches_run"]
+                    rec.meta["branches_terminated"] = branches["terminated"]
                 if chunk.get("usage"):
                     rec.output_tokens = chunk["usage"]["completion_tokens"]
                     rec.prompt_tokens = chunk["usage"]["prompt_tokens"]

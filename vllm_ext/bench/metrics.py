@@ -112,6 +112,11 @@ def summarize(records: list[RequestRecord], duration_s: float,
     if any("tool_s" in r.meta for r in done):  # e2e less the time in server-side tool calls
         out.update(_stats("serve", [r.e2el_s - r.meta.get("tool_s", 0.0) for r in done]))
     out.update(_tails(done))
+    answered = [r for r in records if "answer" in r.meta]
+    if answered:  # testbed tasks: a failed request counts as wrong
+        from vllm_ext.testbed.tasks import parse_answer
+        out["accuracy"] = sum(r.ok and parse_answer(r.text) == " ".join(r.meta["answer"].split())
+                              for r in answered) / len(answered)
     if slos:
         good = sum(_meets(r, slos) for r in done)
         out["request_goodput"] = good / duration_s if duration_s > 0 else 0.0

@@ -15,9 +15,10 @@ import random
 
 import numpy as np
 
-CI_METRICS = ("mean_e2el_ms", "p99_e2el_ms", "mean_ttft_ms", "p99_ttft_ms",
+CI_METRICS = ("mean_e2el_ms", "median_e2el_ms", "p99_e2el_ms", "mean_ttft_ms", "p99_ttft_ms",
               "output_throughput", "request_goodput",  # goodput only with --goodput
-              "mean_serve_ms", "p99_serve_ms")  # serve = e2e less tool time (--tools)
+              "mean_serve_ms", "p99_serve_ms",  # serve = e2e less tool time (--tools)
+              "accuracy")  # testbed answers checked (multi-branch runs)
 
 
 def block_order(configs: list[str], rounds: int, seed: int) -> list[list[str]]:
@@ -95,7 +96,7 @@ def ci_table(rows: list[dict], baseline: str, unit: str = "round",
             for m in metrics:
                 mean = np.mean(vals[m]) if vals[m] else float("nan")
                 s = summaries[m].get(config)
-                txt = f"{mean:.0f}" + (
+                txt = (f"{mean:.0f}" if abs(mean) >= 10 else f"{mean:.3g}") + (
                     f" {s['mean_ratio']:.2f}x[{s['mean_lo']:.2f},{s['mean_hi']:.2f}]"
                     f" {s['median']:.2f}x[{s['lo']:.2f},{s['hi']:.2f}]" if s else "")
                 cells.append(f"{txt:>44}")

@@ -9,7 +9,7 @@ from vllm_ext.bench.servers import CPU_ROLES
 
 TABLE_FIELDS = ("mean_e2el_ms", "median_e2el_ms", "p99_e2el_ms", "p99.9_e2el_ms",
                 "max_e2el_ms", "mean_ttft_ms", "p99_ttft_ms", "mean_tpot_ms",
-                "output_throughput", "request_goodput")
+                "output_throughput", "request_goodput", "accuracy")
 SUMMARY_STATS = ("mean", "median", "p90", "p99", "p99.9", "max")
 
 

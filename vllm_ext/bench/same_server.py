@@ -8,8 +8,10 @@ settings (`vllm_ext.bench.live.set_config`: drain, switch at a step boundary, re
 cache so no block reuses another's KV) and idles ``--idle-gap`` seconds. Counters (preemptions
 by cause, probe runs) are read from ``/metrics`` around every block. The report is
 `paired.ci_table`: means over blocks and paired ratios with bootstrap CIs.
-Only `LIVE_FIELDS` may differ between configurations; anything else (KV bits, MoE router,
-model) needs the one-server-per-config mode.
+Only `LIVE_FIELDS` may differ between configurations, and the per-request settings of
+multi-branch requests (``--ext-branches`` and the ``--ext-branch-*`` overrides: they go into
+each request's ``vllm_xargs``, sent with ``--n`` / ``--temperature``); anything else (KV bits,
+MoE router, model) needs the one-server-per-config mode.
 """
 from __future__ import annotations
 
@@ -24,8 +26,22 @@ from pathlib import Path
 from vllm_ext.bench import live, paired, report
 
 
-def live_settings(name: str, flags: str) -> dict:
-    """A config's --ext-* flags as live settings; exits naming the flag if one can't switch."""
+def request_xargs(config) -> dict:
+    """The config's per-request branch settings (those differing from the defaults), as the
+    ``vllm_xargs`` of every request it sends."""
+    from vllm_ext.branches.runner import BRANCHES_KEY, OVERRIDE_KEYS
+    from vllm_ext.config import ExtConfig
+
+    fields = {"branches": BRANCHES_KEY, **{f: k for k, f in OVERRIDE_KEYS.items()}}
+    default = ExtConfig()
+    return {key: getattr(config, f) for f, key in fields.items()
+            if getattr(config, f) != getattr(default, f)}
+
+
+def live_settings(name: str, flags: str) -> tuple[dict, dict]:
+    """A config's --ext-* flags as (live settings, per-request vllm_xargs); exits naming the
+    flag if one can't switch."""
+    from vllm_ext.branches.runner import OVERRIDE_KEYS
     from vllm_ext.cli import ext_arg_parser, ext_config_from_args
     from vllm_ext.config import LIVE_FIELDS, ExtConfig, ExtConfigError
 
@@ -38,13 +54,15 @@ def live_settings(name: str, flags: str) -> dict:
         config = ext_config_from_args(ns)
     except ExtConfigError as exc:
         sys.exit(f"vllm-ext bench compare --same-server: --config {name}: {exc}")
+    per_request = {"branches", *OVERRIDE_KEYS.values()}
     fixed = {k: v for k, v in config.to_dict().items()
-             if k not in LIVE_FIELDS and k != "live_config" and v != ExtConfig().to_dict()[k]}
+             if k not in LIVE_FIELDS and k not in per_request and k != "live_config"
+             and v != ExtConfig().to_dict()[k]}
     if fixed:
         sys.exit(f"vllm-ext bench compare --same-server: --config {name}: "
                  f"{', '.join(fixed)} cannot switch live; put it in --server-args or run "
                  "without --same-server (one server per config)")
-    return config.live_dict()
+    return config.live_dict(), request_xargs(config)
 
 
 def block_requests(args, all_requests, rate: float, rnd: int):
@@ -58,7 +76,7 @@ def block_requests(args, all_requests, rate: float, rnd: int):
     else:
         from vllm_ext.bench.workload import testbed_requests
         chunk = testbed_requests(n, rate, args.seed + rnd, args.arrival, args.cv, args.max_tokens,
-                                 tools=args.tools)
+                                 tools=args.tools, kinds=args.task_kinds)
     t0 = chunk[0].arrival_s
     return [replace(r, arrival_s=r.arrival_s - t0) for r in chunk]
 
@@ -67,7 +85,11 @@ def run(args, configs, model: str, requests_at) -> None:
     from vllm_ext.bench.cli import cpu_per_token_ms, measure_requests
     from vllm_ext.bench.servers import running_server
 
-    settings = {name: live_settings(name, extra) for name, kind, extra in configs}
+    from vllm_ext.bench.cli import with_sampling
+
+    settings, xargs = {}, {}
+    for name, kind, extra in configs:
+        settings[name], xargs[name] = live_settings(name, extra)
     token = secrets.token_hex(16)
     out = Path(args.out)
     rows, runs = [], {}
@@ -81,7 +103,8 @@ def run(args, configs, model: str, requests_at) -> None:
                     live.set_config(server.url, token, settings[name])
                     asyncio.run(asyncio.sleep(args.idle_gap))
                     before, cpu_before = live.scrape(server.url), server.cpu_seconds()
-                    records, summary = measure_requests(server.url, "bench", args, reqs)
+                    records, summary = measure_requests(server.url, "bench", args,
+                                                        with_sampling(args, reqs, xargs[name]))
                     summary.update(cpu_per_token_ms(cpu_before, server.cpu_seconds(), summary))
                     summary.update(live.counter_deltas(before, live.scrape(server.url)))
                     rows.append({"config": name, "rate": rate, "round": rnd, **summary})
