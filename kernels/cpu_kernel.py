@@ -26,7 +26,7 @@ from vllm_ext.kernels.reference import hack_attention_ref
 logger = logging.getLogger("vllm_ext")
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("hack_attn.cpp",)
-HEADERS = ("hack_simd.h",)
+HEADERS = ("hack_simd.h", "hack_lowbit.h")
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-std=c++17"]
 LDFLAGS = ["-fopenmp"]
 MAX_SPLITS = 16

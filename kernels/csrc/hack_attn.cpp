@@ -16,6 +16,7 @@
 
 #include <vector>
 
+#include "hack_lowbit.h"
 #include "hack_simd.h"
 
 namespace hack {
@@ -57,15 +58,15 @@ inline const uint16_t* f16(const uint8_t* rec, int64_t off) {
   return reinterpret_cast<const uint16_t*>(rec + off);
 }
 
-// Online-softmax step for one row over n scores (masked = -inf); returns false if all masked.
-inline bool online(Acc& A, int i, int D, const float* s, float* p, int n, float& alpha) {
-  float mx = NEG_INF;
-  for (int t = 0; t < n; ++t) mx = std::max(mx, s[t]);
+// Online-softmax step for one row over n scores (masked = -inf) whose max is mx: rescales
+// the row's state, writes the numerators p; returns false (state untouched) if all masked.
+inline bool online(Acc& A, int i, int D, const float* s, float mx, float* p, int n) {
   if (mx == NEG_INF) return false;
   const float m_new = std::max(A.m[i], mx);
-  alpha = A.m[i] == NEG_INF ? 0.f : std::exp(A.m[i] - m_new);
+  const float alpha = A.m[i] == NEG_INF ? 0.f : std::exp(A.m[i] - m_new);
   A.l[i] = A.l[i] * alpha + exp_shift(s, m_new, p, n);
   A.m[i] = m_new;
+  if (alpha != 1.0f) scale_inplace(A.o.data() + size_t(i) * D, alpha, D);
   return true;
 }
 
@@ -91,87 +92,115 @@ void dense_part(const Ctx& C, const Item& it, const float* qt, const int* qpos, 
     const float* qi = qt + i * D;
     for (int t = 0; t < n; ++t)
       s[t] = kpos[t] <= qpos[i] ? dot_f32(qi, kv.data() + size_t(t) * 2 * D, D) : NEG_INF;
-    float alpha;
-    if (!online(A, i, D, s.data(), p.data(), n, alpha)) continue;
+    float mx = NEG_INF;
+    for (int t = 0; t < n; ++t) mx = std::max(mx, s[t]);
+    if (!online(A, i, D, s.data(), mx, p.data(), n)) continue;
     float* o = A.o.data() + i * D;
-    scale_inplace(o, alpha, D);
     for (int t = 0; t < n; ++t)
       if (p[t] != 0.f) axpby(o, 1.0f, kv.data() + size_t(t) * 2 * D + D, p[t], D);
   }
 }
 
-void sealed_parts(const Ctx& C, const Item& it, const float* qt, const int* qpos, Acc& A) {
+struct Scratch {  // per thread, sized once per call
+  std::vector<int16_t> kc, a16;
+  std::vector<uint8_t> kc8, vp8, a8, b8;
+  std::vector<float> vc, ks, km, ksum, vsT, vmT, vsum, tmp, codes, s, p, b, dotv;
+  std::vector<int32_t> dots;
+  Scratch(int D, int Pi) {
+    const int G = D / VG, n = std::max(D, Pi * G);
+    kc.resize(size_t(Pi) * D), a16.resize(D), kc8.resize(size_t(Pi) * D);
+    vp8.resize(size_t(Pi) * D), a8.resize(D), b8.resize(Pi), vc.resize(size_t(Pi) * D);
+    ks.resize(D), km.resize(D), ksum.resize(Pi), vsT.resize(size_t(G) * Pi);
+    vmT.resize(size_t(G) * Pi), vsum.resize(D), tmp.resize(n), codes.resize(n), s.resize(Pi);
+    p.resize(Pi), b.resize(Pi), dotv.resize(VG), dots.resize(Pi);
+  }
+};
+
+void sealed_parts(const Ctx& C, const Item& it, const float* qt, const int* qpos, Acc& A,
+                  Scratch& S) {
   const Lay& L = C.L;
   const int D = L.D, Pi = L.Pi, G = D / VG, r = it.r;
   const int ns = C.seq[r] / Pi;
   const bool use_sinks = C.kslot[r] >= 0 && ns > 0;
-  std::vector<int16_t> kc(size_t(Pi) * D), a16(D);
-  std::vector<float> vc(size_t(Pi) * D), ks(D), km(D), ksum(Pi), vsT(size_t(G) * Pi),
-      vmT(size_t(G) * Pi), vsum(D), tmp(std::max(D, Pi)), codes(std::max(D, Pi)), s(Pi),
-      p(Pi), b(Pi), dotv(VG), qk(BM);
-  std::vector<int32_t> dots(Pi);
+  const bool lowbit = HACK_AVX2 && L.bits != 8;  // u8 x s8 integer products (hack_lowbit.h)
   for (int part = it.p0; part < it.p1; ++part) {
-    const int kpos0 = part * Pi;
-    int first = -1;  // rows that see at least one token of this partition
+    const int kpos0 = part * Pi, lo_mask = (use_sinks && part == 0) ? SINK : 0;
+    int first = -1;  // first row that sees a token of this partition (rows ascend in qpos)
     for (int i = 0; i < it.nrows; ++i)
-      if (qpos[i] >= kpos0 && !(use_sinks && part == 0 && qpos[i] < SINK)) { first = i; break; }
+      if (qpos[i] >= kpos0 && qpos[i] >= lo_mask) { first = i; break; }
     if (first < 0) continue;
     const int64_t blk = C.bt[r * C.s_bt + kpos0 / L.BS];
     const uint8_t* rec = C.pages + blk * C.s_pb + it.h * C.s_ph + (kpos0 % L.BS) / Pi * C.s_pp;
-    for (int t = 0; t < Pi; ++t) {
-      unpack_i16(rec + L.off_kc + t * L.row, L.bits, D, kc.data() + t * D);
-      unpack_i16(rec + L.off_vc + t * L.row, L.bits, D, a16.data());
-      i16_to_f32(a16.data(), vc.data() + t * D, D);
-    }
-    cvt16<false>(f16(rec, L.off_ks), ks.data(), D);
-    cvt16<false>(f16(rec, L.off_km), km.data(), D);
-    i16_to_f32(reinterpret_cast<const int16_t*>(rec + L.off_ksum), ksum.data(), Pi);
-    i16_to_f32(reinterpret_cast<const int16_t*>(rec + L.off_vsum), vsum.data(), D);
+#if HACK_AVX2
+    if (lowbit)
+      unpack_partition_lowbit(rec + L.off_kc, rec + L.off_vc, L.bits, D, Pi, L.row,
+                              S.kc8.data(), S.vp8.data());
+#endif
+    if (!lowbit)
+      for (int t = 0; t < Pi; ++t) {
+        unpack_i16(rec + L.off_kc + t * L.row, L.bits, D, S.kc.data() + t * D);
+        unpack_f32(rec + L.off_vc + t * L.row, L.bits, D, S.vc.data() + t * D);
+      }
+    cvt16<false>(f16(rec, L.off_ks), S.ks.data(), D);
+    cvt16<false>(f16(rec, L.off_km), S.km.data(), D);
+    i16_to_f32(reinterpret_cast<const int16_t*>(rec + L.off_ksum), S.ksum.data(), Pi);
+    i16_to_f32(reinterpret_cast<const int16_t*>(rec + L.off_vsum), S.vsum.data(), D);
     for (int which = 0; which < 2; ++which) {  // v_scale / v_min [Π][G] -> [G][Π]
+      std::vector<float>& dst = which ? S.vmT : S.vsT;
       const uint16_t* src = f16(rec, which ? L.off_vm : L.off_vs);
-      std::vector<float>& dst = which ? vmT : vsT;
+      if (G == 1) { cvt16<false>(src, dst.data(), Pi); continue; }
+      cvt16<false>(src, S.tmp.data(), Pi * G);
       for (int t = 0; t < Pi; ++t)
-        for (int g = 0; g < G; ++g) dst[g * Pi + t] = h2f(src[t * G + g]);
+        for (int g = 0; g < G; ++g) dst[g * Pi + t] = S.tmp[t * G + g];
     }
     for (int i = first; i < it.nrows; ++i) {
-      if (qpos[i] < kpos0) continue;
+      if (qpos[i] < kpos0 || qpos[i] < lo_mask) continue;
       const float* qi = qt + i * D;
       // scores: a = q * k_scale, 8-bit over channels; exact integer dots on the codes
-      for (int d = 0; d < D; ++d) tmp[d] = qi[d] * ks[d];
+      for (int d = 0; d < D; ++d) S.tmp[d] = qi[d] * S.ks[d];
       float s_a, m_a;
-      quant8(tmp.data(), D, s_a, m_a, codes.data());
-      for (int d = 0; d < D; ++d) a16[d] = int16_t(codes[d]);
-      const float qkm = dot_f32(qi, km.data(), D);
-      for (int t = 0; t < Pi; t += 8) kdot8(a16.data(), kc.data() + t * D, D, dots.data() + t);
-      for (int t = 0; t < Pi; ++t) {
-        const int kp = kpos0 + t;
-        const bool masked = kp > qpos[i] || (use_sinks && kp < SINK);
-        s[t] = masked ? NEG_INF : (s_a * float(dots[t]) + m_a * ksum[t]) + qkm;
+      quant8(S.tmp.data(), D, s_a, m_a, S.codes.data());
+      const float qkm = dot_f32(qi, S.km.data(), D);
+#if HACK_AVX2
+      if (lowbit) {
+        f32_to_u8(S.codes.data(), D, S.a8.data());
+        for (int t = 0; t < Pi; t += 8)
+          kdot8_u8(S.a8.data(), S.kc8.data() + t * D, D, S.dots.data() + t);
       }
-      float alpha;
-      if (!online(A, i, D, s.data(), p.data(), Pi, alpha)) continue;
+#endif
+      if (!lowbit) {
+        for (int d = 0; d < D; ++d) S.a16[d] = int16_t(S.codes[d]);
+        for (int t = 0; t < Pi; t += 8)
+          kdot8(S.a16.data(), S.kc.data() + t * D, D, S.dots.data() + t);
+      }
+      const float mx = scores(S.dots.data(), S.ksum.data(), s_a, m_a, qkm, kpos0, qpos[i],
+                              lo_mask, S.s.data(), Pi);
+      if (!online(A, i, D, S.s.data(), mx, S.p.data(), Pi)) continue;
       float* o = A.o.data() + i * D;
-      scale_inplace(o, alpha, D);
       for (int g = 0; g < G; ++g) {
-        // b = p * v_scale, 8-bit over the Π tokens; b'.vcode as exact fp32 on integers
-        const float* vs = vsT.data() + g * Pi;
-        for (int t = 0; t < Pi; ++t) b[t] = p[t] * vs[t];
+        // b = p * v_scale, 8-bit over the Π tokens; exact integer b'.vcode
+        const float* vs = S.vsT.data() + g * Pi;
+        for (int t = 0; t < Pi; ++t) S.b[t] = S.p[t] * vs[t];
         float s_b, m_b;
-        quant8(b.data(), Pi, s_b, m_b, codes.data());
-        const float corr = dot_f32(p.data(), vmT.data() + g * Pi, Pi);
-        std::fill(dotv.begin(), dotv.end(), 0.f);
-        for (int t = 0; t < Pi; ++t)
-          if (codes[t] != 0.f) axpby(dotv.data(), 1.0f, vc.data() + t * D + g * VG, codes[t], VG);
+        quant8(S.b.data(), Pi, s_b, m_b, S.codes.data());
+        const float corr = dot_f32(S.p.data(), S.vmT.data() + g * Pi, Pi);
+#if HACK_AVX2
+        if (lowbit) {
+          f32_to_u8(S.codes.data(), Pi, S.b8.data());
+          vdot32_u8(S.vp8.data(), D, g * VG, S.b8.data(), Pi, S.dotv.data());
+        }
+#endif
+        if (!lowbit) wsum32(S.vc.data() + g * VG, D, S.codes.data(), Pi, S.dotv.data());
         float* og = o + g * VG;
-        const float* vsg = vsum.data() + g * VG;
-        for (int c = 0; c < VG; ++c) og[c] += (s_b * dotv[c] + m_b * vsg[c]) + corr;
+        const float* vsg = S.vsum.data() + g * VG;
+        for (int c = 0; c < VG; ++c) og[c] += (s_b * S.dotv[c] + m_b * vsg[c]) + corr;
       }
     }
   }
 }
 
 template <bool BF16>
-void run_item(const Ctx& C, const Item& it, Acc& A, float* q_tile) {
+void run_item(const Ctx& C, const Item& it, Acc& A, float* q_tile, Scratch& S) {
   const int D = C.L.D, r = it.r;
   const int q0 = C.qsl[r], n = C.qsl[r + 1] - q0, L = C.seq[r];
   int qpos[BM];
@@ -185,7 +214,7 @@ void run_item(const Ctx& C, const Item& it, Acc& A, float* q_tile) {
   }
   std::fill(A.o.begin(), A.o.end(), 0.f);
   if (it.dense) dense_part<BF16>(C, it, q_tile, qpos, A);
-  sealed_parts(C, it, q_tile, qpos, A);
+  sealed_parts(C, it, q_tile, qpos, A, S);
 }
 
 }  // namespace
@@ -262,10 +291,11 @@ void attention(const at::Tensor& q, const at::Tensor& out, const at::Tensor& pag
     Acc A;
     A.o.resize(size_t(BM) * D);
     std::vector<float> q_tile(size_t(BM) * D);
+    Scratch S(D, Pi);
     for (int64_t w = b; w < e; ++w) {
       const Item& it = work[w];
-      if (bf16) run_item<true>(C, it, A, q_tile.data());
-      else run_item<false>(C, it, A, q_tile.data());
+      if (bf16) run_item<true>(C, it, A, q_tile.data(), S);
+      else run_item<false>(C, it, A, q_tile.data(), S);
       if (W == tiles) { store(it, A.o.data(), A.l); continue; }
       float* dst = part.data() + size_t(w) * BM * (D + 2);
       std::copy(A.o.begin(), A.o.begin() + size_t(it.nrows) * D, dst);

@@ -48,39 +48,61 @@ inline void cvt16(const uint16_t* src, float* dst, int n) {
   for (; i < n; ++i) dst[i] = BF16 ? bf2f(src[i]) : h2f(src[i]);
 }
 
+#if HACK_AVX2
+// 32 channels [c, c + 32) of one token's packed codes -> u8 codes of channels c..c+15, c+16..c+31
+inline void unpack32(const uint8_t* src, int bits, int c, __m128i& lo16, __m128i& hi16) {
+  if (bits == 8) {
+    lo16 = _mm_loadu_si128((const __m128i*)(src + c));
+    hi16 = _mm_loadu_si128((const __m128i*)(src + c + 16));
+  } else if (bits == 4) {  // 16 bytes: byte i = channels 2i (low nibble), 2i+1 (high nibble)
+    const __m128i m = _mm_set1_epi8(0x0F);
+    __m128i x = _mm_loadu_si128((const __m128i*)(src + c / 2));
+    __m128i lo = _mm_and_si128(x, m), hi = _mm_and_si128(_mm_srli_epi16(x, 4), m);
+    lo16 = _mm_unpacklo_epi8(lo, hi);
+    hi16 = _mm_unpackhi_epi8(lo, hi);
+  } else {                 // 8 bytes: byte i = channels 4i..4i+3 at bits 0, 2, 4, 6
+    const __m128i m = _mm_set1_epi8(0x03);
+    __m128i x = _mm_loadl_epi64((const __m128i*)(src + c / 4));
+    __m128i p0 = _mm_and_si128(x, m), p1 = _mm_and_si128(_mm_srli_epi16(x, 2), m);
+    __m128i p2 = _mm_and_si128(_mm_srli_epi16(x, 4), m);
+    __m128i p3 = _mm_and_si128(_mm_srli_epi16(x, 6), m);
+    __m128i a = _mm_unpacklo_epi8(p0, p1), b = _mm_unpacklo_epi8(p2, p3);
+    lo16 = _mm_unpacklo_epi16(a, b);
+    hi16 = _mm_unpackhi_epi16(a, b);
+  }
+}
+inline __m256 u8x8_f32(__m128i x) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(x)); }
+#endif
+
 // One token's packed codes (D * bits / 8 bytes) -> D codes in channel order, as int16.
 inline void unpack_i16(const uint8_t* src, int bits, int D, int16_t* dst) {
 #if HACK_AVX2
-  if (bits == 8) {
-    for (int c = 0; c < D; c += 16)
-      _mm256_storeu_si256((__m256i*)(dst + c),
-                          _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(src + c))));
-    return;
-  }
   for (int c = 0; c < D; c += 32) {
     __m128i lo16, hi16;
-    if (bits == 4) {  // 16 bytes -> 32 codes: byte i = channels 2i (low), 2i+1 (high nibble)
-      const __m128i m = _mm_set1_epi8(0x0F);
-      __m128i x = _mm_loadu_si128((const __m128i*)(src + c / 2));
-      __m128i lo = _mm_and_si128(x, m), hi = _mm_and_si128(_mm_srli_epi16(x, 4), m);
-      lo16 = _mm_unpacklo_epi8(lo, hi);
-      hi16 = _mm_unpackhi_epi8(lo, hi);
-    } else {          // 8 bytes -> 32 codes: byte i = channels 4i..4i+3 at bits 0, 2, 4, 6
-      const __m128i m = _mm_set1_epi8(0x03);
-      __m128i x = _mm_loadl_epi64((const __m128i*)(src + c / 4));
-      __m128i p0 = _mm_and_si128(x, m), p1 = _mm_and_si128(_mm_srli_epi16(x, 2), m);
-      __m128i p2 = _mm_and_si128(_mm_srli_epi16(x, 4), m);
-      __m128i p3 = _mm_and_si128(_mm_srli_epi16(x, 6), m);
-      __m128i a = _mm_unpacklo_epi8(p0, p1), b = _mm_unpacklo_epi8(p2, p3);
-      lo16 = _mm_unpacklo_epi16(a, b);
-      hi16 = _mm_unpackhi_epi16(a, b);
-    }
+    unpack32(src, bits, c, lo16, hi16);
     _mm256_storeu_si256((__m256i*)(dst + c), _mm256_cvtepu8_epi16(lo16));
     _mm256_storeu_si256((__m256i*)(dst + c + 16), _mm256_cvtepu8_epi16(hi16));
   }
 #else
   const int f = 8 / bits, mask = (1 << bits) - 1;
   for (int d = 0; d < D; ++d) dst[d] = (src[d / f] >> (bits * (d % f))) & mask;
+#endif
+}
+
+// ... as fp32 (exact integers)
+inline void unpack_f32(const uint8_t* src, int bits, int D, float* dst) {
+#if HACK_AVX2
+  for (int c = 0; c < D; c += 32) {
+    __m128i lo16, hi16;
+    unpack32(src, bits, c, lo16, hi16);
+    _mm256_storeu_ps(dst + c, u8x8_f32(lo16));
+    _mm256_storeu_ps(dst + c + 8, u8x8_f32(_mm_srli_si128(lo16, 8)));
+    _mm256_storeu_ps(dst + c + 16, u8x8_f32(hi16));
+    _mm256_storeu_ps(dst + c + 24, u8x8_f32(_mm_srli_si128(hi16, 8)));
+  }
+#else
+  const int f = 8 / bits, mask = (1 << bits) - 1;
+  for (int d = 0; d < D; ++d) dst[d] = float((src[d / f] >> (bits * (d % f))) & mask);
 #endif
 }
 
@@ -233,6 +255,67 @@ inline void kdot8(const int16_t* a, const int16_t* k, int D, int32_t* out) {
     for (int c = 0; c < D; ++c) s += int32_t(a[c]) * int32_t(k[j * D + c]);
     out[j] = s;
   }
+#endif
+}
+
+// Scores of one row over n tokens (n % 8 == 0): s = (s_a * dot + m_a * ksum) + qkm, the
+// reference's operation order; tokens at kpos > qpos or kpos < lo_mask are -inf. Returns max.
+inline float scores(const int32_t* dots, const float* ksum, float s_a, float m_a, float qkm,
+                    int kpos0, int qpos, int lo_mask, float* s, int n) {
+  float mx = NEG_INF;
+  const bool need_mask = kpos0 + n - 1 > qpos || kpos0 < lo_mask;
+#if HACK_AVX2
+  const __m256 va = _mm256_set1_ps(s_a), vm = _mm256_set1_ps(m_a), vq = _mm256_set1_ps(qkm);
+  const __m256 ninf = _mm256_set1_ps(NEG_INF);
+  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i vqp = _mm256_set1_epi32(qpos), vlo = _mm256_set1_epi32(lo_mask);
+  __m256 vmx = ninf;
+  for (int t = 0; t < n; t += 8) {
+    __m256 f = _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i*)(dots + t)));
+    __m256 v = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(va, f),
+                                           _mm256_mul_ps(vm, _mm256_loadu_ps(ksum + t))), vq);
+    if (need_mask) {
+      __m256i kp = _mm256_add_epi32(_mm256_set1_epi32(kpos0 + t), iota);
+      __m256i bad = _mm256_or_si256(_mm256_cmpgt_epi32(kp, vqp), _mm256_cmpgt_epi32(vlo, kp));
+      v = _mm256_blendv_ps(v, ninf, _mm256_castsi256_ps(bad));
+    }
+    _mm256_storeu_ps(s + t, v);
+    vmx = _mm256_max_ps(vmx, v);
+  }
+  alignas(32) float tmp[8];
+  _mm256_store_ps(tmp, vmx);
+  for (int j = 0; j < 8; ++j) mx = std::max(mx, tmp[j]);
+#else
+  for (int t = 0; t < n; ++t) {
+    const int kp = kpos0 + t;
+    s[t] = (need_mask && (kp > qpos || kp < lo_mask)) ? NEG_INF
+                                                     : (s_a * float(dots[t]) + m_a * ksum[t]) + qkm;
+    mx = std::max(mx, s[t]);
+  }
+#endif
+  return mx;
+}
+
+// out[c] = sum_t w[t] * x[t * stride + c], c < 32 (exact: integer values below 2^24)
+inline void wsum32(const float* x, int stride, const float* w, int n, float* out) {
+#if HACK_AVX2
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (int t = 0; t < n; ++t) {
+    const __m256 wt = _mm256_broadcast_ss(w + t);
+    const float* r = x + size_t(t) * stride;
+    a0 = _mm256_fmadd_ps(wt, _mm256_loadu_ps(r), a0);
+    a1 = _mm256_fmadd_ps(wt, _mm256_loadu_ps(r + 8), a1);
+    a2 = _mm256_fmadd_ps(wt, _mm256_loadu_ps(r + 16), a2);
+    a3 = _mm256_fmadd_ps(wt, _mm256_loadu_ps(r + 24), a3);
+  }
+  _mm256_storeu_ps(out, a0);
+  _mm256_storeu_ps(out + 8, a1);
+  _mm256_storeu_ps(out + 16, a2);
+  _mm256_storeu_ps(out + 24, a3);
+#else
+  for (int c = 0; c < 32; ++c) out[c] = 0.f;
+  for (int t = 0; t < n; ++t)
+    for (int c = 0; c < 32; ++c) out[c] += w[t] * x[size_t(t) * stride + c];
 #endif
 }
 
