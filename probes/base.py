@@ -119,14 +119,16 @@ def resolve_probe_paths(ext_config: Any, hf_config: Any, model_path: str | None 
     """The probe files an engine loads: the explicit ones, else the shipped ones its config
     reads: the length probe when the policy refines on it (`trail`, `lamps`) or a live
     switch to it may come (`live_config`), the correctness probe when branches may run in
-    duchess mode (`branches` not "off")."""
+    duchess mode (`branches` not "off"), the policy is `difficulty`, or a live switch to it
+    may come."""
     if ext_config.probe_paths:
         return list(ext_config.probe_paths)
     fingerprint = model_fingerprint(hf_config, model_path)
     wanted = []
     if ext_config.policy in ("trail", "lamps") or ext_config.live_config:
         wanted.append("length")
-    if getattr(ext_config, "branches", "off") != "off":
+    if getattr(ext_config, "branches", "off") != "off" or ext_config.policy == "difficulty" \
+            or ext_config.live_config:
         wanted.append("correctness")
     paths = [shipped_probe_path(kind, fingerprint) for kind in wanted]
     return [str(path) for path in paths if path]

@@ -113,7 +113,8 @@ def _lifetime_batch(tag: str):
 
 
 @pytest.mark.parametrize("kv_bits,policies", [
-    (16, ("fcfs", "oracle", "trail", "spjf", "hrrn", "lamps")), (4, ("fcfs", "trail"))])
+    (16, ("fcfs", "oracle", "trail", "spjf", "hrrn", "lamps", "difficulty")),
+    (4, ("fcfs", "trail"))])
 def test_lifetime_every_policy_leaves_no_state_and_returns_every_block(model_path, kv_bits,
                                                                        policies):
     phases = []

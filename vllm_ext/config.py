@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 CONFIG_KEY = "vllm_ext"
-POLICIES = ("fcfs", "oracle", "trail", "spjf", "lamps", "hrrn")
+POLICIES = ("fcfs", "oracle", "trail", "spjf", "lamps", "hrrn", "difficulty")
 MOE_ROUTERS = ("topk", "laser", "least_loaded")
 LASER_BANDS = ("early", "middle", "late")  # thirds of the decoder layers
 LASER_BAND_KEYS = {"eps_high": float, "entropy_max": float, "pool_threshold": float,
@@ -185,7 +185,7 @@ class ExtConfig:
     def needs_probes(self) -> bool:
         """Whether workers run their probes under this config: explicit probe files, a
         policy that refines on the length probe, or branches the correctness probe guides."""
-        return bool(self.probe_paths) or self.policy in ("trail", "lamps") or \
+        return bool(self.probe_paths) or self.policy in ("trail", "lamps", "difficulty") or \
             self.branches != "off"
 
     def to_additional_config(self) -> str:

@@ -19,6 +19,9 @@ def build_policy(ext: ExtConfig, model_config) -> Policy:
     probe falls back to FCFS with a warning (the engine keeps serving)."""
     common = dict(margin=ext.preemption_margin,
                   max_preemptions_per_request=ext.max_preemptions_per_request)
+    if ext.policy == "difficulty":  # reads the correctness probe's values, loaded by workers
+        from vllm_ext.sched.difficulty import DifficultyPolicy
+        return DifficultyPolicy()
     if ext.policy not in ("trail", "spjf", "hrrn", "lamps"):
         return make_policy(ext.policy, **common)
     from vllm_ext.probes.base import load_probe, model_fingerprint, shipped_probe_path

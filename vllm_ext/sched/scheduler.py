@@ -179,6 +179,9 @@ class _PredictiveMixin:
                 request = self.requests.get(req_id)
                 if request is not None:  # generated count before this step's token
                     self._guard(observe, req_id, vals, request.num_output_tokens)
+            if getattr(self.ext_policy, "rekey_waiting", False):  # e.g. a prompt got scored
+                self.ext_policy.rekey_waiting = False
+                self.ext_waiting_keys, self.ext_waiting_dirty = {}, True
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         self._time_step(scheduler_output.total_num_scheduled_tokens)
         return outputs
