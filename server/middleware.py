@@ -225,11 +225,11 @@ def check_tool_request(app, body: dict) -> None:
     if loop.close_id is None:
         raise BadExtArgs("vllm_xargs.ext_tools: this model's tokenizer has no single "
                          "</call> token to pause on")
-    for key, bad in (("stop", lambda v: bool(v)), ("n", lambda v: v not in (None, 1)),
-                     ("logprobs", lambda v: v not in (None, False, 0)),
-                     ("use_beam_search", lambda v: bool(v))):
-        if bad(body.get(key)):
-            raise BadExtArgs(f"vllm_xargs.ext_tools: not supported with {key}={body[key]!r}")
+    from vllm_ext.tools.loop import unsupported
+
+    reason = unsupported(body)
+    if reason:
+        raise BadExtArgs(f"vllm_xargs.{reason}")
 
 
 def check_branch_request(app, body, xargs, tools: bool) -> bool:

@@ -181,6 +181,27 @@ def test_tool_loop_refuses_what_it_cannot_serve():
         loop.check(SamplingParams())
 
 
+def test_middleware_and_loop_refuse_from_one_list():
+    from types import SimpleNamespace
+
+    from vllm.sampling_params import SamplingParams
+
+    from vllm_ext.server.middleware import BadExtArgs, check_tool_request
+    from vllm_ext.tools.loop import UNSUPPORTED, ToolLoop, unsupported
+
+    loop = ToolLoop(_FakeClient(), Registry.build(), timeout_s=1, max_calls=4)
+    app = SimpleNamespace(state=SimpleNamespace(engine_client=SimpleNamespace(
+        ext_tool_loop=loop, vllm_config=None)))
+    for key, value in (("stop", ["x"]), ("n", 2), ("logprobs", 1)):
+        assert key in UNSUPPORTED
+        with pytest.raises(BadExtArgs) as http_error:
+            check_tool_request(app, {key: value})
+        with pytest.raises(ValueError) as loop_error:
+            loop.check(SamplingParams(**{key: value}))
+        assert str(http_error.value) == f"vllm_xargs.{loop_error.value}"
+    assert unsupported({"n": 1, "stop": None, "logprobs": 0}) is None
+
+
 def test_workers_load_the_length_probe_for_lamps():
     """lamps ranks on TRAIL's refined predictions: its workers must run the length probe
     even without an admin token (they did only for trail before)."""

@@ -52,6 +52,24 @@ class CallRecord:
     error: bool = False
 
 
+# what the loop cannot serve: request field -> "is this value unsupported?". One list for
+# the middleware (HTTP 400 on the request body) and `ToolLoop.check` (the sampling params)
+UNSUPPORTED = {
+    "stop": lambda v: bool(v),
+    "n": lambda v: v not in (None, 1),
+    "logprobs": lambda v: v not in (None, False, 0),
+    "use_beam_search": lambda v: bool(v),
+}
+
+
+def unsupported(fields: dict) -> str | None:
+    """Why a request with these field values cannot run its tools in the server, or None."""
+    for key, bad in UNSUPPORTED.items():
+        if bad(fields.get(key)):
+            return f"{TOOLS_KEY}: not supported with {key}={fields[key]!r}"
+    return None
+
+
 class ToolLoop:
     def __init__(self, engine_client, registry: Registry, timeout_s: float, max_calls: int):
         self.client = engine_client
@@ -80,8 +98,9 @@ class ToolLoop:
         if self.close_id is None:
             raise ValueError(f"ext_tools: the model's tokenizer has no single {CALL_CLOSE} "
                              "token to pause on")
-        if sampling_params.n > 1 or sampling_params.stop or sampling_params.logprobs:
-            raise ValueError("ext_tools: not supported with n > 1, stop strings or logprobs")
+        reason = unsupported({key: getattr(sampling_params, key, None) for key in UNSUPPORTED})
+        if reason:
+            raise ValueError(reason)
 
     async def _generate_with_tools(self, prompt, sampling_params, request_id, **kwargs):
         from vllm.engine.protocol import StreamingInput
