@@ -13,10 +13,8 @@ import pytest
 
 from vllm_ext.config import ExtConfig, ExtConfigError
 from vllm_ext.telemetry.collect import ExpertTelemetry, PrefixTelemetry, TenantTelemetry
-from vllm_ext.telemetry.export import (Query, TelemetryQueryError, families, merge_payloads,
-                                       parse_query)
+from vllm_ext.telemetry.export import Query, TelemetryQueryError, merge_payloads, parse_query
 from vllm_ext.telemetry.fragments import FragmentedSketch
-from vllm_ext.telemetry.hashing import key_of
 from vllm_ext.telemetry.learned import LearnedWindow
 from vllm_ext.telemetry.sketch import Sketch, cs_failure_probability, width_for
 from vllm_ext.telemetry.wcss import WindowSpaceSaving
@@ -227,7 +225,7 @@ def test_flags_and_config():
     cfg = ext_config_from_args(ns)
     assert (cfg.telemetry, cfg.telemetry_prefix_bytes, cfg.telemetry_sketch,
             cfg.telemetry_learned, cfg.telemetry_hot_prefix, cfg.moe_track_load) == \
-        (True, 4096, "cs", False, 3, True)
+        (True, 4096, "cs", False, 3, False)  # expert counters stay opt-in (they cost per step)
     assert ExtConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ExtConfigError, match="--ext-telemetry-prefix-bytes"):
         ExtConfig(telemetry_prefix_bytes=10)
@@ -270,14 +268,12 @@ def test_metric_names_and_types_follow_prometheus_conventions():
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
-    snap = _snapshot()
+    from vllm_ext.server.metrics import ExtCollector
 
-    class Collector:
-        def collect(self):
-            return families(snap)
-
+    collector = ExtCollector()  # the project's collector on vLLM's registry, here a fresh one
+    collector.snapshot = {"telemetry": _snapshot()}
     registry = CollectorRegistry()
-    registry.register(Collector())
+    registry.register(collector)
     text = generate_latest(registry).decode()
     parsed = {f.name: f for f in text_string_to_metric_families(text)}
     assert parsed, text
@@ -300,7 +296,7 @@ def test_metric_names_and_types_follow_prometheus_conventions():
 # ---- the route on vLLM's own app, no engine --------------------------------------------------
 class _Engine:
     def __init__(self, telemetry: bool) -> None:
-        cfg = _cfg() if telemetry else ExtConfig()
+        cfg = _cfg(moe_track_load=True) if telemetry else ExtConfig()
         self.prefixes = PrefixTelemetry(cfg, node="fake")
         self.prefixes.on_request([b"\x01" * 32], 20)
         self.engine_core = self
@@ -375,3 +371,93 @@ def test_merge_cli_on_files(tmp_path, capsys):
     assert out["servers"] == 2 and len(out["prefixes"]["top"]) == 1
     assert out["prefixes"]["top"][0]["window_count"] == 20
     assert 20 <= out["prefixes"]["top"][0]["range_count"] <= 20 + out["prefixes"]["range_bound"]
+
+
+# ---- the scheduler side and its hot-prefix hint (fakes, no vLLM scheduler) -------------------
+class _Pool:
+    def __init__(self, cached):
+        self.cached = cached
+
+    def get_cached_block(self, block_hash, groups):
+        return [object()] if block_hash in self.cached else None
+
+
+def _fake_scheduler(cached):
+    return SimpleNamespace(kv_cache_manager=SimpleNamespace(
+        kv_cache_config=SimpleNamespace(kv_cache_groups=[0]), block_pool=_Pool(cached)))
+
+
+def test_hot_prefix_hint_puts_hot_cached_requests_first_stably():
+    from collections import deque
+
+    from vllm_ext.telemetry.engine import SchedulerTelemetry
+
+    assert SchedulerTelemetry.build(ExtConfig()) is None  # off: nothing runs
+    tel = SchedulerTelemetry(_cfg(telemetry_hot_prefix=2, telemetry_prefix_blocks=1))
+    hot_hash, cold_hash = b"\x01" * 32, b"\x02" * 32
+    sched = _fake_scheduler({hot_hash})
+
+    def req(i, h):
+        return SimpleNamespace(request_id=f"r{i}", block_hashes=[h], num_prompt_tokens=16)
+
+    waiting = deque()
+    for i, h in enumerate([hot_hash, hot_hash, cold_hash, cold_hash, hot_hash, cold_hash,
+                           hot_hash]):
+        r = req(i, h)
+        tel.on_request(r, sched)
+        waiting.append(r)
+    # r0, r1 were not hot yet (fewer than 2 earlier arrivals); r4, r6 are; cold_hash is hot by
+    # count at r5 but not cached, so never hot
+    tel.before_schedule(waiting)
+    assert [r.request_id for r in waiting] == ["r4", "r6", "r0", "r1", "r2", "r3", "r5"]
+    assert tel.report()["hot_prefix"]["reorders"] == 1
+    tel.before_schedule(waiting)  # no arrival since: nothing moves
+    assert tel.report()["hot_prefix"]["reorders"] == 1
+    tel.forget("r4")
+    assert tel.report()["hot_prefix"]["hot_waiting"] == 1
+
+
+def test_hint_off_never_reorders():
+    from collections import deque
+
+    from vllm_ext.telemetry.engine import SchedulerTelemetry
+
+    tel = SchedulerTelemetry(_cfg())
+    sched = _fake_scheduler({b"\x01" * 32})
+    waiting = deque()
+    for i in range(6):
+        r = SimpleNamespace(request_id=f"r{i}", block_hashes=[bytes([i % 2 + 1]) * 32],
+                            num_prompt_tokens=16)
+        tel.on_request(r, sched)
+        waiting.append(r)
+    tel.before_schedule(waiting)
+    assert [r.request_id for r in waiting] == [f"r{i}" for i in range(6)]
+    assert tel.report()["requests"] == 6
+
+
+def test_hot_prefix_hint_starvation_bound():
+    from collections import deque
+
+    from vllm_ext.telemetry.engine import SchedulerTelemetry
+
+    tel = SchedulerTelemetry(_cfg(telemetry_hot_prefix=1, telemetry_prefix_blocks=1,
+                                  telemetry_hot_prefix_wait_steps=3))
+    hot_hash = b"\x01" * 32
+    sched = _fake_scheduler({hot_hash})
+    waiting = deque()
+
+    def arrive(i, h):
+        r = SimpleNamespace(request_id=f"r{i}", block_hashes=[h], num_prompt_tokens=16)
+        tel.on_request(r, sched)
+        waiting.append(r)
+
+    arrive(0, hot_hash)             # not hot yet (no earlier arrival)
+    arrive(1, b"\x02" * 32)         # cold
+    tel.before_schedule(waiting)    # step 1
+    arrive(2, hot_hash)             # hot
+    tel.before_schedule(waiting)    # step 2: hot first
+    assert [r.request_id for r in waiting] == ["r2", "r0", "r1"]
+    for _ in range(3):              # steps 3..5: r0, r1 (arrived at step 0) pass the bound
+        arrive(len(waiting) + 10, hot_hash)
+        tel.before_schedule(waiting)
+    assert [r.request_id for r in waiting][:2] == ["r0", "r1"]  # overdue before every hot one

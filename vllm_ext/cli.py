@@ -150,9 +150,9 @@ def _add_laser_flags(g) -> None:
 def _add_telemetry_flags(g) -> None:
     d = ExtConfig
     g.add_argument("--ext-telemetry", action="store_true",
-                   help="telemetry in small memory: prefix popularity, per-expert load (implies "
-                        "--ext-moe-track-load) and top tenants on /metrics and "
-                        "GET /v1/ext/telemetry (docs/telemetry.md)")
+                   help="telemetry in small memory: prefix popularity, top tenants and (with "
+                        "--ext-moe-track-load or a load-aware router) per-expert load on "
+                        "/metrics and GET /v1/ext/telemetry (docs/telemetry.md)")
     g.add_argument("--ext-telemetry-sketch", choices=("cm", "cs"), default=d.telemetry_sketch,
                    help="telemetry: Count-Min or Count Sketch fragments")
     g.add_argument("--ext-telemetry-depth", type=int, default=d.telemetry_depth,
@@ -178,11 +178,14 @@ def _add_telemetry_flags(g) -> None:
     g.add_argument("--ext-telemetry-hot-prefix", type=int, default=d.telemetry_hot_prefix,
                    metavar="N", help="scheduler hint: waiting requests whose prefix arrived >= N "
                                      "times in the window go first (0 = off)")
+    g.add_argument("--ext-telemetry-hot-prefix-wait-steps", type=int,
+                   default=d.telemetry_hot_prefix_wait_steps, metavar="S",
+                   help="... but never ahead of a request waiting more than S steps (0: no bound)")
 
 
 def _telemetry_settings(ns: argparse.Namespace) -> dict:
     names = ("sketch", "depth", "prefix_bytes", "expert_bytes", "topk_bytes", "window", "rho",
-             "epoch_s", "prefix_blocks", "tenant_header", "hot_prefix")
+             "epoch_s", "prefix_blocks", "tenant_header", "hot_prefix", "hot_prefix_wait_steps")
     out = {f"telemetry_{n}": getattr(ns, f"ext_telemetry_{n}") for n in names}
     out.update(telemetry=ns.ext_telemetry, telemetry_learned=not ns.ext_telemetry_no_learned)
     return out
@@ -210,7 +213,7 @@ def ext_config_from_args(ns: argparse.Namespace) -> ExtConfig:
         "laser_load_decay": ns.ext_laser_load_decay,
         "laser_rounds": ns.ext_laser_rounds,
         "laser_bands": parse_laser_bands(ns.ext_laser_bands),
-        "moe_track_load": ns.ext_moe_track_load or ns.ext_telemetry,
+        "moe_track_load": ns.ext_moe_track_load,
         "moe_ep_devices": ns.ext_moe_ep_devices,
         "kv_bits": ns.ext_kv_bits,
         "kv_partition": ns.ext_kv_partition,

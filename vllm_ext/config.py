@@ -116,6 +116,8 @@ class ExtConfig:
     telemetry_tenant_header: str = "x-tenant"  # tenant = this header, else the body's `user`
     telemetry_hot_prefix: int = 0         # consumer: waiting requests whose prefix was seen
     #                                       >= N times in the window go first (0 = off)
+    telemetry_hot_prefix_wait_steps: int = 256  # ... but never ahead of a request waiting
+    #                                       longer than this many scheduler steps (0 = no bound)
 
     def __post_init__(self) -> None:
         _check_choice("policy", self.policy, POLICIES)
@@ -266,7 +268,7 @@ def _check_telemetry(cfg: "ExtConfig") -> None:
                  else 512)
     for name, low in (("telemetry_window", 16), ("telemetry_rho", 0.01),
                       ("telemetry_epoch_s", 0.01), ("telemetry_prefix_blocks", 1),
-                      ("telemetry_hot_prefix", 0)):
+                      ("telemetry_hot_prefix", 0), ("telemetry_hot_prefix_wait_steps", 0)):
         _check_range(name, getattr(cfg, name), low)
 
 

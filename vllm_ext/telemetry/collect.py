@@ -12,7 +12,9 @@ the API server. The structures are `fragments` (DiSketch, arXiv 2503.13515) and 
 * `ExpertTelemetry` (API server): per-expert routed tokens from the MoE load counters (the
   ``ext_expert_load`` worker RPC, one "device" per expert so ``device_tokens`` is the per-expert
   total), fed as the change since the previous pull, so a sub-epoch's resolution is the pull
-  interval (every ``/metrics`` scrape and ``/v1/ext/telemetry`` call).
+  interval (every ``/metrics`` scrape and ``/v1/ext/telemetry`` call). Only while those
+  counters run (``--ext-moe-track-load`` or a load-aware router): they cost time in every MoE
+  layer of every step (docs/laser.md), the rest of the telemetry none per step.
 * `TenantTelemetry` (API server): the request's tenant (header or ``user`` field) into a
   top-k tracker over the last W requests.
 """
@@ -29,8 +31,9 @@ from vllm_ext.telemetry.hashing import key_of
 from vllm_ext.telemetry.learned import LearnedWindow
 from vllm_ext.telemetry.wcss import WindowSpaceSaving
 
-COUNTER_BYTES = 40        # WCSS cost per counter: its Space Saving entry + its share of overflows
-PREDICTOR_BYTES = 3072    # 2^8 float32 weights + 64 sampled arrivals x 32 B
+COUNTER_BYTES = 20        # WCSS bytes per counter, measured: its Space Saving entry (16 B) and
+#                           its share of queued overflows (peak_bytes / counters ~ 18-21 B)
+PREDICTOR_BYTES = 2048    # 2^8 float32 weights + 32 sampled arrivals x 32 B
 MIN_COUNTERS = 8
 
 
@@ -38,15 +41,16 @@ def node_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def tracker(budget_bytes: int, window: int, learned: bool):
-    """A top-k tracker of `budget_bytes`: LWCSS (predictor + two Bloom filters of an eighth of
-    the budget each + counters) or plain WCSS (all counters)."""
+def tracker(budget_bytes: int, window: int, learned: bool, threshold: float = 0.5):
+    """A top-k tracker of `budget_bytes`: LWCSS (predictor + two Bloom filters of ``window / 2``
+    bytes each - about 8 bits per filtered arrival - capped at an eighth of the budget, the
+    rest counters) or plain WCSS (all counters)."""
     if not learned:
         return WindowSpaceSaving(window, max(MIN_COUNTERS, budget_bytes // COUNTER_BYTES))
-    bloom_bytes = max(64, budget_bytes // 8)
+    bloom_bytes = max(64, min(window // 2, budget_bytes // 8))
     rest = budget_bytes - PREDICTOR_BYTES - 2 * bloom_bytes
-    return LearnedWindow(window, max(MIN_COUNTERS, rest // COUNTER_BYTES),
-                         bloom_bits=8 * bloom_bytes)
+    return LearnedWindow(window, max(MIN_COUNTERS, rest // COUNTER_BYTES), threshold,
+                         bloom_bits=8 * bloom_bytes, buffer_size=32)
 
 
 def fragmented(cfg, budget_bytes: int, node: str) -> FragmentedSketch:

@@ -8,12 +8,16 @@ Hot-prefix hint (``--ext-telemetry-hot-prefix N``; rule ours, after the issue's 
 prefix is hot and cached go first"): at arrival a request is *hot* when its top-k prefix item
 (first ``telemetry_prefix_blocks`` blocks) already arrived at least N times in the last W
 requests (the LWCSS / WCSS estimate) **and** that prefix's last block is in vLLM's prefix
-cache now (``BlockPool.get_cached_block``). Before each ``schedule()`` that follows an arrival,
-the waiting queue (FCFS deque only) is stably partitioned: hot requests first, each part in
+cache now (``BlockPool.get_cached_block``). Before each ``schedule()`` that follows an arrival
+(or when a request becomes overdue), the waiting queue (FCFS deque only) is stably
+partitioned: first the *overdue* - requests waiting more than ``telemetry_hot_prefix_wait_steps``
+scheduler steps (the starvation bound; 0 = none) - then the hot, then the rest, each part in
 its existing order. A hot request's prefill is mostly a cache hit, so it is short and its KV
 is already resident: shortest-prefill-first without a predictor, and it uses the cached blocks
-before eviction can take them. Removals keep a partitioned queue partitioned, so only arrivals
-trigger it; requests already preempted keep vLLM's order among the cold.
+before eviction can take them; the bound keeps the cold ones from starving behind a stream of
+hot ones (measured: docs/telemetry.md). Removals keep a partitioned queue partitioned, so only
+arrivals and deadlines trigger it. The LWCSS count may miss a prefix's first two arrivals (its
+Bloom guard), so a new prefix turns hot up to two arrivals later than N says.
 """
 from __future__ import annotations
 
@@ -26,9 +30,13 @@ class SchedulerTelemetry:
         self.prefixes = PrefixTelemetry(cfg)
         self.hot_min = int(cfg.telemetry_hot_prefix)
         self.depth = int(cfg.telemetry_prefix_blocks)
+        self.wait_steps = int(cfg.telemetry_hot_prefix_wait_steps)
         self.hot: set[str] = set()   # waiting request ids that were hot at arrival
+        self.arrival_step: dict[str, int] = {}  # request id -> step it arrived at (hint on)
+        self.steps = 0
+        self.next_due = None  # step at which the oldest cold request becomes overdue
         self.arrived = False
-        self.hot_admitted = 0
+        self.reorders = 0  # partitions that moved a hot request ahead
 
     @classmethod
     def build(cls, cfg) -> "SchedulerTelemetry | None":
@@ -36,6 +44,8 @@ class SchedulerTelemetry:
 
     def on_request(self, request, scheduler=None) -> None:
         hashes = request.block_hashes
+        if self.hot_min:
+            self.arrival_step[request.request_id] = self.steps
         if self.hot_min and hashes and scheduler is not None:
             depth = min(len(hashes), self.depth)
             if self.prefixes.is_hot(key_of(hashes[depth - 1]), self.hot_min) and \
@@ -45,28 +55,39 @@ class SchedulerTelemetry:
         self.prefixes.on_request(hashes, request.num_prompt_tokens)
 
     def before_schedule(self, waiting) -> None:
-        """Stable partition of the FCFS waiting deque: hot first (after an arrival only)."""
-        if not self.arrived:
+        """Stable partition of the FCFS waiting deque: overdue, hot, rest (after an arrival or
+        at a deadline only)."""
+        self.steps += 1
+        due = self.next_due is not None and self.steps >= self.next_due
+        if not (self.arrived or due) or not hasattr(waiting, "extend"):
             return
         self.arrived = False
-        if not hasattr(waiting, "extend") or len(waiting) < 2:
-            return
         items = list(waiting)
-        hot = [r for r in items if r.request_id in self.hot]
-        if not hot or len(hot) == len(items):
+        if len(items) < 2 or not any(r.request_id in self.hot for r in items):
+            self.next_due = None
             return
-        cold = [r for r in items if r.request_id not in self.hot]
-        waiting.clear()
-        waiting.extend(hot + cold)
-        self.hot_admitted += len(hot)
+        limit = self.steps - self.wait_steps if self.wait_steps else None
+        rank = {}
+        for r in items:
+            overdue = limit is not None and self.arrival_step.get(r.request_id, self.steps) <= limit
+            rank[r.request_id] = 0 if overdue else 1 if r.request_id in self.hot else 2
+        ordered = sorted(items, key=lambda r: rank[r.request_id])  # stable
+        cold = [self.arrival_step.get(r.request_id, self.steps) for r in items
+                if rank[r.request_id] == 2]
+        self.next_due = min(cold) + self.wait_steps + 1 if cold and self.wait_steps else None
+        if any(a is not b for a, b in zip(ordered, items)):
+            waiting.clear()
+            waiting.extend(ordered)
+            self.reorders += 1
 
     def forget(self, request_id: str) -> None:
         self.hot.discard(request_id)
+        self.arrival_step.pop(request_id, None)
 
     def report(self, top_k: int = 10, range_s: float = 60.0, full: bool = False) -> dict:
         out = self.prefixes.report(top_k, range_s, full)
         out["hot_prefix"] = {"min_count": self.hot_min, "hot_waiting": len(self.hot),
-                             "reordered": self.hot_admitted}
+                             "reorders": self.reorders}
         return out
 
 

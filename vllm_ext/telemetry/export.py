@@ -85,7 +85,8 @@ def parse_query(params) -> Query:
     if "fragments" in raw:
         value = raw["fragments"].lower()
         if value not in ("0", "1", "true", "false"):
-            raise TelemetryQueryError(f"fragments: expected 0/1/true/false, got {raw['fragments']!r}")
+            raise TelemetryQueryError(
+                f"fragments: expected 0/1/true/false, got {raw['fragments']!r}")
         out["fragments"] = value in ("1", "true")
     return Query(**out)
 

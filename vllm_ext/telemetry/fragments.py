@@ -104,9 +104,12 @@ class FragmentedSketch:
         keys = keys_array(items)
         if keys.size == 0:
             return
+        cap = max(1, int(self.rho * frag.sketch.width))
+        if counts is None and frag.sketch.items + keys.size < cap:  # fits: the common case
+            frag.sketch.add(keys)
+            return
         counts = np.ones(keys.size, dtype=np.int64) if counts is None else \
             np.asarray(counts, dtype=np.int64)
-        cap = max(1, int(self.rho * frag.sketch.width))
         while keys.size:  # split a batch at the fragment's capacity (error equalisation)
             room = cap - frag.sketch.items
             csum = np.cumsum(counts)

@@ -29,6 +29,15 @@ def splitmix64(x: np.ndarray) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
+def mix64(x: int) -> int:
+    """`splitmix64` of one Python int (the per-request path, where numpy's call overhead
+    dominates); equal to the array version bit for bit."""
+    z = (x + 0x9E3779B97F4A7C15) & MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return z ^ (z >> 31)
+
+
 def key_of(item) -> int:
     """A 64-bit key: ints as they are (mod 2^64), bytes by their first 8 bytes when they are
     already a hash (vLLM block hashes: sha256 / cbor digests, >= 8 bytes), anything else by

@@ -31,7 +31,10 @@ class Hub:
         self.lock = asyncio.Lock()
 
     async def poll_experts(self, engine) -> None:
-        """Feed the change of every expert's routed tokens since the last poll."""
+        """Feed the change of every expert's routed tokens since the last poll (only while the
+        MoE load counters run: ``--ext-moe-track-load`` or a load-aware router)."""
+        if not (self.cfg.moe_track_load or self.cfg.moe_router != "topk"):
+            return
         hf = getattr(getattr(engine.vllm_config, "model_config", None), "hf_config", None)
         n = next((getattr(hf, k) for k in _EXPERT_KEYS if isinstance(getattr(hf, k, None), int)),
                  None)

@@ -24,19 +24,14 @@ import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from vllm_ext.telemetry.hashing import MASK64, key_of
+from vllm_ext.telemetry.hashing import MASK64, key_of, mix64
 from vllm_ext.telemetry.wcss import WindowSpaceSaving
 
 BUFFER_ENTRY_BYTES = 32  # key, position, up to 4 hashed feature indices
 
 
 def _mix(x: int) -> int:
-    """splitmix64 of one int in plain Python (the per-arrival path; `hashing.splitmix64` is
-    the same function over arrays)."""
-    z = (x + 0x9E3779B97F4A7C15) & MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
-    return z ^ (z >> 31)
+    return mix64(x & MASK64)
 
 
 @dataclass
@@ -126,7 +121,7 @@ class LearnedWindow:
     """WCSS behind a learned next-arrival filter with the two-frame Bloom guard."""
     window: int = 1024
     counters: int = 64
-    threshold: float = 0.3   # filter when P(recur within the window) < this
+    threshold: float = 0.5   # filter when P(recur within the window) < this
     bloom_bits: int = 2048
     predictor_bits: int = 8
     buffer_size: int = 64    # sampled arrivals awaiting their label

@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from vllm_ext.telemetry.hashing import keys_array, row_hashes, row_seeds, signs
+from vllm_ext.telemetry.hashing import keys_array, mix64, row_hashes, row_seeds, signs
 
 KINDS = ("cm", "cs")
 COUNTER_BYTES = 4
+SMALL_BATCH = 64  # cells below which plain Python beats numpy's per-call overhead
 
 
 def width_for(budget_bytes: int, depth: int, min_width: int = 16) -> int:
@@ -67,6 +68,7 @@ class Sketch:
         if self.counters is None:
             self.counters = np.zeros((self.depth, self.width), dtype=np.int32)
         self._seeds = row_seeds(self.depth, self.seed)
+        self._py_seeds = [int(x) for x in self._seeds]
 
     @property
     def memory_bytes(self) -> int:
@@ -81,6 +83,9 @@ class Sketch:
         keys = keys_array(items)
         if keys.size == 0:
             return
+        if keys.size * self.depth <= SMALL_BATCH:  # the per-request path: same cells
+            return self._add_small(keys.tolist(), [1] * keys.size if counts is None else
+                                   [int(c) for c in counts])
         counts = np.ones(keys.size, dtype=np.int64) if counts is None else \
             np.asarray(counts, dtype=np.int64)
         hashes, cols = self._cells(keys)
@@ -89,6 +94,15 @@ class Sketch:
         for r in range(self.depth):
             np.add.at(self.counters[r], cols[r], delta[r])
         self.items += int(counts.sum())
+
+    def _add_small(self, keys: list[int], counts: list[int]) -> None:
+        mask, cs, rows = self.width - 1, self.kind == "cs", self.counters
+        for r, seed in enumerate(self._py_seeds):
+            row = rows[r]
+            for key, c in zip(keys, counts):
+                h = mix64(key ^ seed)
+                row[h & mask] += (c if mix64(h) >> 63 else -c) if cs else c
+        self.items += sum(counts)
 
     def row_values(self, keys: np.ndarray) -> np.ndarray:
         """[depth, n] per-row values for `keys` (CS: sign-corrected), int64."""
