@@ -45,6 +45,20 @@ def run_engine_job(spec: dict, env: dict | None = None, timeout: int = 600) -> d
     raise AssertionError(f"engine job failed (rc={proc.returncode}):\n{tail}")
 
 
+def wait_drained(read_state, baseline_blocks: int, timeout_s: float = 30.0) -> dict:
+    """Poll `read_state()` (the scheduler part of /v1/ext/admin/state) until no request is
+    left and every KV block is free again; return the last state (the caller asserts)."""
+    import time
+
+    deadline = time.time() + timeout_s
+    while True:
+        now = read_state()
+        done = now["requests"] == 0 and now["free_blocks"] == baseline_blocks
+        if done or time.time() > deadline:
+            return now
+        time.sleep(0.5)
+
+
 def make_linear_probe(model_path: str, layer: int, out_path: Path, seed: int = 0):
     """A probe with a known random linear map, bound to the model's fingerprint."""
     import torch

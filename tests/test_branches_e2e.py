@@ -11,6 +11,7 @@ import time
 
 import httpx
 import pytest
+from conftest import wait_drained
 
 from vllm_ext.testbed.tasks import generate_tasks, parse_answer, prompt_text
 
@@ -120,12 +121,7 @@ def test_disconnect_aborts_every_branch(server):
         while state(server)["requests"] < 6 and time.time() < deadline:
             time.sleep(0.2)
         assert state(server)["requests"] == 6  # all branches run as engine requests
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        now = state(server)
-        if now["requests"] == 0 and now["free_blocks"] == baseline:
-            break
-        time.sleep(0.5)
+    now = wait_drained(lambda: state(server), baseline)
     assert now["requests"] == 0 and now["free_blocks"] == baseline
     later = complete(server, n=2, max_tokens=8, vllm_xargs={"ext_branches": "sc"})
     assert later.status_code == 200  # and the server keeps serving

@@ -8,10 +8,10 @@ waits on a tool: the request is gone and every KV block is back.
 """
 import json
 import re
-import time
 
 import httpx
 import pytest
+from conftest import wait_drained
 
 from vllm_ext.testbed.tasks import check_answer, generate_tasks, prompt_text
 
@@ -138,12 +138,7 @@ def test_disconnect_while_paused_frees_everything(server, handling):
                 seen += "".join(c["text"] for c in json.loads(line[6:]).get("choices") or [])
             if "</call>" in seen:
                 break  # leave while the request waits on its first call
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        now = state(server)
-        if now["requests"] == 0 and now["free_blocks"] == baseline:
-            break
-        time.sleep(0.5)
+    now = wait_drained(lambda: state(server), baseline)
     assert now["requests"] == 0 and now["free_blocks"] == baseline
     assert now["per_request"]["tool_paused"] == 0 and now["per_request"]["tool_sessions"] == 0
     assert now["paused_sessions"] == 0  # vLLM's slot count for paused sessions is balanced

@@ -276,9 +276,7 @@ def _final_output(state: _Live, first_out):
 
 def install(engine_client, ext) -> BranchRunner:
     """Wrap `engine_client.generate` (once) with the branch runner configured by `ext`."""
-    runner = getattr(engine_client, "ext_branch_runner", None)
-    if runner is None:
-        runner = BranchRunner(engine_client, ext)
-        engine_client.ext_branch_runner = runner
-        engine_client.generate = runner.generate
-    return runner
+    from vllm_ext.generate_wrap import wrap_generate
+
+    return wrap_generate(engine_client, "ext_branch_runner",
+                         lambda: BranchRunner(engine_client, ext))

@@ -237,10 +237,8 @@ def _output(out, text: str, token_ids, finished: bool, final_piece=None, prompt_
 
 def install(engine_client, ext) -> ToolLoop:
     """Wrap `engine_client.generate` (once) with the tool loop configured by `ext`."""
-    loop = getattr(engine_client, "ext_tool_loop", None)
-    if loop is None:
-        registry = Registry.build(ext.tools, ext.tool_latency, ext.tool_http_base)
-        loop = ToolLoop(engine_client, registry, ext.tool_timeout_s, ext.tool_max_calls)
-        engine_client.ext_tool_loop = loop
-        engine_client.generate = loop.generate
-    return loop
+    from vllm_ext.generate_wrap import wrap_generate
+
+    return wrap_generate(engine_client, "ext_tool_loop", lambda: ToolLoop(
+        engine_client, Registry.build(ext.tools, ext.tool_latency, ext.tool_http_base),
+        ext.tool_timeout_s, ext.tool_max_calls))
