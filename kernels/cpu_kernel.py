@@ -7,7 +7,9 @@ with ``torch.utils.cpp_extension.load`` into ``$VLLM_EXT_KERNEL_CACHE`` (default
 this CPU's ISA flags. If it cannot build (no compiler, no ninja, ...) one warning line is logged
 and ``hack_attention_cpu`` runs the torch reference instead.
 
-``VLLM_EXT_HACK_CPU=ref`` selects the torch reference explicitly (tests, A/B runs).
+The same extension applies the step's KV writes in place (``write_cpu``, used by
+``kv_store.apply_writes`` on CPU tensors; the torch ``apply_writes_ref`` stays the oracle).
+``VLLM_EXT_HACK_CPU=ref`` selects the torch reference for both (tests, A/B runs).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from vllm_ext.kernels.reference import hack_attention_ref
 
 logger = logging.getLogger("vllm_ext")
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("hack_attn.cpp",)
+SOURCES = ("hack_attn.cpp", "hack_write.cpp")
 HEADERS = ("hack_simd.h", "hack_lowbit.h")
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-std=c++17"]
 LDFLAGS = ["-fopenmp"]
@@ -119,6 +121,31 @@ def hack_attention_kernel(ext, q: torch.Tensor, cache: HackCache, batch: HackBat
     if not direct:
         out.copy_(of)
     return out
+
+
+def write_kernel(ext, cache: HackCache, plan, key: torch.Tensor, value: torch.Tensor) -> None:
+    """The extension's ``apply_writes``: same bytes in pages / staging / sinks, in place."""
+    n = plan.tok_touch.numel()
+    key, value = (x[:n].to(cache.stage.dtype) for x in (key, value))
+    key, value = (x if x.stride(-1) == 1 else x.contiguous() for x in (key, value))
+    tensors = [t if t.dtype == torch.long and t.is_contiguous() else t.long().contiguous()
+               for t in vars(plan).values()]
+    lay, o = cache.layout, cache.layout.offsets
+    ext.write(cache.pages, cache.stage, cache.sinks, key, value, tensors,
+              [lay.bits, lay.head_size, lay.partition, lay.record_bytes, lay.row_bytes] +
+              [o[k] for k in ("k_codes", "v_codes", "k_scale", "k_min", "v_scale", "v_min",
+                              "k_sum", "v_sum")])
+
+
+def write_cpu(cache: HackCache, plan, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Apply the step's writes with the extension; False if it is off or unavailable."""
+    if cache.pages.device.type != "cpu" or use_reference():
+        return False
+    ext = load_extension()
+    if ext is None:
+        return False
+    write_kernel(ext, cache, plan, key, value)
+    return True
 
 
 def hack_attention_cpu(q: torch.Tensor, cache: HackCache, batch: HackBatch, scale: float,

@@ -228,7 +228,18 @@ def _seal(cache: HackCache, pid: torch.Tensor, x: torch.Tensor, valid: torch.Ten
 
 def apply_writes(cache: HackCache, plan: WritePlan, key: torch.Tensor,
                  value: torch.Tensor) -> None:
-    """Write one step's new tokens (``key/value [num_tokens, H, D]``) into ``cache``."""
+    """Write one step's new tokens (``key/value [num_tokens, H, D]``) into ``cache``: in place by
+    the CPU extension (``cpu_kernel.write_cpu``) when it is available, else ``apply_writes_ref``."""
+    from vllm_ext.kernels import cpu_kernel
+
+    if not cpu_kernel.write_cpu(cache, plan, key, value):
+        apply_writes_ref(cache, plan, key, value)
+
+
+def apply_writes_ref(cache: HackCache, plan: WritePlan, key: torch.Tensor,
+                     value: torch.Tensor) -> None:
+    """Torch write path (the oracle of the C++ one): gather the touched partitions into a 16-bit
+    scratch, add the new tokens, seal the full ones, scatter the open ones back."""
     dev, L, Pi = cache.pages.device, cache.layout, cache.layout.partition
     p = WritePlan(**{k: v.to(dev) for k, v in vars(plan).items()})
     if p.evict_slot.numel():

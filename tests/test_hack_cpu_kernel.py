@@ -13,6 +13,10 @@ one P-code step (measured 2.9e-3 once in the 54 configurations; the Triton kerne
 property). So per case: every (row, V group) block is within 1e-4 except at most 1% of them
 (and at most one in small cases), and those stay below 1e-2.
 
+The C++ write path (``write``: tokens straight into their staging slot, full partitions sealed
+in place, early seals, reopen from records, sinks) leaves pages, staging and sink pools
+byte-identical to the torch ``apply_writes_ref``.
+
 The one-time JIT build (~15-60 s) lands in the first test; later runs use the cache.
 """
 import logging
@@ -20,10 +24,12 @@ import logging
 import pytest
 import torch
 
-from test_hack_kernels import _fill
+import test_hack_kernels
+from test_hack_kernels import Sim, _fill
 from vllm_ext.kernels import cpu_kernel as ck
+from vllm_ext.kernels import kv_store
 from vllm_ext.kernels import reference as ref
-from vllm_ext.kernels.kv_store import prefill_cache
+from vllm_ext.kernels.kv_store import HackCache, prefill_cache
 from vllm_ext.kernels.quant import V_GROUP, HackLayout
 
 TOL, FLIP_TOL = 1e-4, 1e-2
@@ -134,3 +140,57 @@ def test_reference_selected_by_env(monkeypatch):
     q = torch.randn(1, 2, 32, generator=sim.g)
     assert torch.equal(ck.hack_attention_cpu(q, sim.cache, batch, 0.2),
                        ref.hack_attention_ref(q, sim.cache, batch, 0.2))
+
+
+# ---- the write path -------------------------------------------------------------------------
+@pytest.fixture
+def both_write_paths(ext, monkeypatch):
+    """Every step written by the C++ path, checked byte for byte against the torch path."""
+    steps = []
+
+    def both(cache, plan, key, value):
+        twin = HackCache(cache.layout, cache.block_size, cache.pages.clone(), cache.stage.clone(),
+                         cache.sinks.clone())
+        kv_store.apply_writes_ref(twin, plan, key, value)
+        ck.write_kernel(ext, cache, plan, key, value)
+        for a, b in ((cache.pages, twin.pages), (cache.stage, twin.stage),
+                     (cache.sinks, twin.sinks)):
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+        steps.append(plan.close_idx.numel() + plan.evict_slot.numel())
+    monkeypatch.setattr(test_hack_kernels, "apply_writes", both)
+    return steps
+
+
+@pytest.mark.parametrize("bits,D,Pi", [(8, 32, 32), (4, 32, 64), (2, 64, 128), (4, 128, 64)])
+def test_cpp_writes_match_torch_writes(both_write_paths, bits, D, Pi):
+    _fill(bits, D, 2, [1, 3, 64, 65, 131], Pi=Pi, seed=bits + D, decode=2)
+    _fill(bits, D, 2, [150, 7], chunk=48, decode=1, Pi=Pi, seed=Pi)
+    assert sum(both_write_paths) > 0  # partitions were sealed
+
+
+def test_cpp_writes_evict_reopen_and_reuse(both_write_paths):
+    lens = [20, 40, 70, 100, 130]
+    sim = Sim(4, 64, 2, len(lens), stage_slots=2)
+    for i, n in enumerate(lens):
+        sim.step({i: n})
+    sim.step({0: 1, 3: 1})
+    assert sim.last_plan.touch_reopen.tolist() == [20, 0]
+    sim.step({0: 1, 2: 1})
+    sim.step({1: 44, 4: 70})
+    sim.block_table[1] = sim.block_table[0]      # block reuse: starts afresh
+    sim.pos[1] = 0
+    batch = sim.step({1: 90})
+    q = torch.randn(90, 4, 64, generator=sim.g)
+    _assert_close(ck.hack_attention_kernel(ck.load_extension(), q, sim.cache, batch, 0.125),
+                  ref.hack_attention_ref(q, sim.cache, batch, 0.125))
+
+
+def test_apply_writes_uses_the_extension_on_cpu(ext, monkeypatch):
+    calls = []
+    monkeypatch.setattr(ck, "write_kernel", lambda *a: calls.append(1))
+    monkeypatch.setattr(kv_store, "apply_writes_ref", lambda *a: pytest.fail("torch path"))
+    sim = Sim(4, 32, 2, 1)
+    sim.step({0: 5})
+    assert calls == [1]
+    monkeypatch.setenv("VLLM_EXT_HACK_CPU", "ref")
+    assert not ck.write_cpu(sim.cache, sim.last_plan, None, None)
