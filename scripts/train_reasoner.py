@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Train the embedded tiny MoE "reasoner" from scratch on the synthetic task suite (CPU).
 
-The model is ``tiny_mixtral_config`` (Mixtral, hidden 128, 4 layers, 8 experts top-2) and the
+The model is ``--arch mixtral`` (hidden 128, 4 layers, 8 experts top-2; the default reasoner) or
+``--arch qwen2_moe`` (fine-grained: 32 experts top-4 + a shared expert), built by
+``vllm_ext.testbed.arch`` with the family's router aux loss coefficient (0.001). The
 data is drawn on the fly from ``vllm_ext.testbed.tasks`` (deterministic per seed and step, so a
 resumed run sees the same batches). The loss covers only the assistant text: the prompt and
 the tool ``<result>...</result>`` spans are masked. A small router aux loss keeps the gate
@@ -35,17 +37,22 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
-from transformers import LogitsProcessor, LogitsProcessorList, MixtralForCausalLM  # noqa: E402
+from transformers import LogitsProcessor, LogitsProcessorList  # noqa: E402
 
 from vllm_ext.testbed import tasks as T  # noqa: E402
-from vllm_ext.testbed.model import ASSET_DIR, tiny_mixtral_config  # noqa: E402
+from vllm_ext.testbed.arch import ARCHS, FINEGRAINED_NAME, model_class, tiny_config  # noqa: E402
+from vllm_ext.testbed.model import ASSET_DIR  # noqa: E402
 from vllm_ext.testbed.tokenizer import build_tokenizer  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="/tmp/tiny-moe-reasoner-train", help="checkpoint/log folder")
-    p.add_argument("--asset-dir", default=str(ASSET_DIR), help="where the final model is saved")
+    p.add_argument("--arch", choices=ARCHS, default="mixtral",
+                   help="mixtral: the default reasoner (8 experts top-2); qwen2_moe: the fine-grained one "
+                        "(32 experts top-4 + 1 shared expert), see vllm_ext/testbed/arch.py")
+    p.add_argument("--asset-dir", default=None, help="where the final model is saved "
+                   "(default: assets/tiny-moe-reasoner, or assets/tiny-moe-finegrained for qwen2_moe)")
     p.add_argument("--minutes", type=float, default=40.0, help="training time budget (total, incl. resumed)")
     p.add_argument("--steps", type=int, default=0, help="max optimizer steps (0: time budget only)")
     p.add_argument("--resume", nargs="?", const="auto", default=None, help="resume from --out/ckpt.pt or a path")
@@ -60,7 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--max-len", type=int, default=400, help="drop longer examples (tokens)")
     p.add_argument("--difficulty-mix", default="1:4,2:2,3:1", help="difficulty:weight,...")
     p.add_argument("--kind-mix", default="", help="kind:weight,... (default: uniform)")
-    p.add_argument("--aux-coef", type=float, default=0.001, help="router load-balancing loss coefficient")
+    p.add_argument("--aux-coef", type=float, default=None,
+                   help="router load-balancing loss coefficient (default: the family's, 0.001 for both)")
     p.add_argument("--router-jitter", type=float, default=0.0,
                    help="router jitter noise (Switch/Mixtral): multiplicative input noise in training")
     p.add_argument("--experts-impl", default="grouped_mm", help="transformers experts implementation")
@@ -70,7 +78,10 @@ def parse_args(argv=None):
     p.add_argument("--ckpt-every-min", type=float, default=3.0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-save", action="store_true", help="skip the final save into --asset-dir")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.asset_dir is None:
+        args.asset_dir = str(ASSET_DIR if args.arch == "mixtral" else ASSET_DIR.parent / FINEGRAINED_NAME)
+    return args
 
 
 def parse_mix(spec: str, cast=str) -> list:
@@ -196,11 +207,12 @@ def lr_at(args, step: int, progress: float) -> float:
     return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * cos)
 
 
-def build_model(args, vocab: int) -> MixtralForCausalLM:
-    cfg = tiny_mixtral_config(vocab, output_router_logits=True, router_aux_loss_coef=args.aux_coef,
-                              router_jitter_noise=args.router_jitter)
+def build_model(args, vocab: int):
+    cfg = tiny_config(args.arch, vocab, aux_coef=args.aux_coef, router_jitter=args.router_jitter,
+                      output_router_logits=True)
+    args.aux_coef = cfg.router_aux_loss_coef
     torch.manual_seed(args.seed)
-    model = MixtralForCausalLM(cfg).float()
+    model = model_class(args.arch)(cfg).float()
     try:
         model.set_experts_implementation(args.experts_impl)
     except Exception as e:  # older transformers / unsupported: fall back to the eager loop
@@ -214,9 +226,9 @@ def save_checkpoint(path: Path, model, opt, state: dict):
     os.replace(tmp, path)
 
 
-def save_final(model, tok, asset_dir: Path, meta: dict) -> MixtralForCausalLM:
+def save_final(model, tok, asset_dir: Path, meta: dict):
     """Write bf16 safetensors + tokenizer atomically into ``asset_dir``; return the bf16 model."""
-    bf = MixtralForCausalLM(model.config)
+    bf = type(model)(model.config)
     bf.load_state_dict(model.state_dict())
     bf = bf.to(torch.bfloat16).eval()
     bf.config.output_router_logits = False
@@ -259,7 +271,7 @@ def main(argv=None):
     elif args.resume:
         print(f"no checkpoint at {ckpt_path}; starting fresh", flush=True)
     if args.init_from and not (args.resume and ckpt_path.exists()):
-        init = MixtralForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
+        init = model_class(args.arch).from_pretrained(args.init_from, dtype=torch.float32)
         model.load_state_dict(init.state_dict())
         print(f"initialised from {args.init_from}", flush=True)
     n_params = sum(p.numel() for p in model.parameters())

@@ -11,6 +11,12 @@ import os
 from pathlib import Path
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-moe-reasoner"
+# embedded models selectable by name (`vllm-ext serve tiny-moe-finegrained`): name -> folder
+MODEL_NAMES = {
+    "tiny-moe-reasoner": ASSET_DIR,
+    "tiny-moe-finegrained": ASSET_DIR.parent / "tiny-moe-finegrained",  # Qwen2-MoE, 32 experts top-4
+    "tiny-moe-reasoner-balanced": ASSET_DIR.parent / "tiny-moe-reasoner-balanced",
+}
 
 
 def tiny_mixtral_config(vocab_size: int, **overrides):
@@ -69,3 +75,18 @@ def default_model_path() -> str:
         path.parent.mkdir(parents=True, exist_ok=True)
         build_random_model(path)
     return str(path)
+
+
+def resolve_model(name_or_path: str | None) -> str:
+    """An embedded model's folder for its name (``tiny-moe-finegrained``...), the default model
+    for None/empty, anything else unchanged (a path or a hub id, for vLLM to resolve)."""
+    if not name_or_path:
+        return default_model_path()
+    if name_or_path == "tiny-moe-reasoner":
+        return default_model_path()
+    folder = MODEL_NAMES.get(name_or_path)
+    if folder is not None and not Path(name_or_path).exists():
+        if not (folder / "config.json").exists():
+            raise FileNotFoundError(f"embedded model {name_or_path!r} is not shipped ({folder})")
+        return str(folder)
+    return name_or_path
