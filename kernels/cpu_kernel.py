@@ -13,6 +13,7 @@ The same extension applies the step's KV writes in place (``write_cpu``, used by
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from vllm_ext.kernels.kv_store import HackBatch, HackCache
+from vllm_ext.kernels.quant import HackLayout
 from vllm_ext.kernels.reference import hack_attention_ref
 
 logger = logging.getLogger("vllm_ext")
@@ -94,11 +96,18 @@ def use_reference() -> bool:
     return os.environ.get("VLLM_EXT_HACK_CPU", "kernel").lower() in ("ref", "reference")
 
 
+_FIELDS = ("k_codes", "v_codes", "k_scale", "k_min", "v_scale", "v_min", "k_sum", "v_sum")
+
+
+@functools.lru_cache(maxsize=64)
+def _layout_args(layout: HackLayout, block_size: int) -> tuple[list[int], list[int]]:
+    o = [layout.offsets[k] for k in _FIELDS]
+    base = [layout.bits, layout.head_size, layout.partition, layout.record_bytes]
+    return base + [block_size, layout.row_bytes] + o, base + [layout.row_bytes] + o
+
+
 def layout_args(cache: HackCache) -> list[int]:
-    lay, o = cache.layout, cache.layout.offsets
-    return [lay.bits, lay.head_size, lay.partition, lay.record_bytes, cache.block_size,
-            lay.row_bytes] + [o[k] for k in ("k_codes", "v_codes", "k_scale", "k_min",
-                                             "v_scale", "v_min", "k_sum", "v_sum")]
+    return _layout_args(cache.layout, cache.block_size)[0]
 
 
 def _i32(t: torch.Tensor) -> torch.Tensor:
@@ -106,20 +115,25 @@ def _i32(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _attn_io(x: torch.Tensor) -> torch.Tensor:
+    ok = x.dtype in (torch.float32, torch.bfloat16, torch.float16) and x.stride(-1) == 1
+    return x if ok else x.float().contiguous()
+
+
 def hack_attention_kernel(ext, q: torch.Tensor, cache: HackCache, batch: HackBatch, scale: float,
                           out: torch.Tensor | None = None,
                           max_splits: int = MAX_SPLITS) -> torch.Tensor:
-    """The extension's attention; ``out`` (any float dtype) is written and returned."""
-    qf = q.to(torch.float32).contiguous()
-    direct = out is not None and out.dtype == torch.float32 and out.is_contiguous()
-    of = out if direct else torch.empty_like(qf)
-    ext.attention(qf, of, cache.pages, cache.stage, cache.sinks, _i32(batch.block_table),
+    """The extension's attention; ``out`` (fp32/bf16/fp16, any row strides) is written in place
+    (the kernel reads q and writes out in their own dtypes) and returned."""
+    q = _attn_io(q)
+    if out is None:
+        out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    o = _attn_io(out)
+    ext.attention(q, o, cache.pages, cache.stage, cache.sinks, _i32(batch.block_table),
                   _i32(batch.seq_lens), _i32(batch.query_start_loc), _i32(batch.stage_slot),
                   _i32(batch.sink_slot), layout_args(cache), float(scale), int(max_splits))
-    if out is None:
-        return of
-    if not direct:
-        out.copy_(of)
+    if o is not out:
+        out.copy_(o)
     return out
 
 
@@ -130,11 +144,8 @@ def write_kernel(ext, cache: HackCache, plan, key: torch.Tensor, value: torch.Te
     key, value = (x if x.stride(-1) == 1 else x.contiguous() for x in (key, value))
     tensors = [t if t.dtype == torch.long and t.is_contiguous() else t.long().contiguous()
                for t in vars(plan).values()]
-    lay, o = cache.layout, cache.layout.offsets
     ext.write(cache.pages, cache.stage, cache.sinks, key, value, tensors,
-              [lay.bits, lay.head_size, lay.partition, lay.record_bytes, lay.row_bytes] +
-              [o[k] for k in ("k_codes", "v_codes", "k_scale", "k_min", "v_scale", "v_min",
-                              "k_sum", "v_sum")])
+              _layout_args(cache.layout, cache.block_size)[1])
 
 
 def write_cpu(cache: HackCache, plan, key: torch.Tensor, value: torch.Tensor) -> bool:

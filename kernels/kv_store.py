@@ -9,7 +9,8 @@ Paper: HACK (arXiv 2502.03589). Rules implemented here:
 * Sink tokens: the first ``SINK_TOKENS`` tokens of a sequence are kept in 16-bit (a pool keyed by
   the sequence's first physical block) and left out of the K ranges of partition 0.
 
-Bookkeeping (``HackPlanner``, one per attention group, run once per step on the host) keys the
+Bookkeeping (``HackPlanner``, one per attention group, run once per step on the host; Python work
+O(requests + touched partitions), the per-token indices are built vectorised) keys the
 pools by physical partition id ``block * (block_size // Π) + j``. A write at offset 0 of a
 partition starts it afresh, which is what makes stale entries of freed blocks harmless. If the
 pool is full, the least recently used open partition that is not part of this step is sealed
@@ -177,7 +178,7 @@ class HackPlanner:
                     reopen = self.sealed_early.pop(pid, (lo - p * Pi, p == 0))[0]
                 idx = len(touch)
                 touch.append((pid, prev, reopen, p == 0, sink if p == 0 and reopen else -1))
-                toks.extend((idx, pos - p * Pi) for pos in range(lo, hi))
+                toks.append((idx, lo - p * Pi, hi - lo))     # a run of new tokens
                 if hi == (p + 1) * Pi:
                     close.append(idx)
                     self.stage.drop(pid)
@@ -202,10 +203,19 @@ def _cols(items: list[tuple], n: int, device="cpu") -> list[torch.Tensor]:
     return [torch.tensor(c, dtype=torch.long, device=device) for c in zip(*items)]
 
 
+def _token_runs(runs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(touched index, first offset, count) runs -> per-token touched index and offset."""
+    idx, off0, count = _cols(runs, 3)
+    tok_touch = torch.repeat_interleave(idx, count)
+    start = count.cumsum(0) - count
+    tok_off = torch.arange(tok_touch.numel()) - torch.repeat_interleave(start - off0, count)
+    return tok_touch, tok_off
+
+
 def _plan_tensors(ev, touch, toks, close, opened, sink_w) -> WritePlan:
     e_slot, e_pid, e_fill, e_first = _cols(ev, 4)
     t_pid, t_prev, t_reopen, t_first, t_sink = _cols(touch, 5)
-    tok_touch, tok_off = _cols(toks, 2)
+    tok_touch, tok_off = _token_runs(toks)
     open_idx, open_slot = _cols(opened, 2)
     s_tok, s_slot, s_off = _cols(sink_w, 3)
     return WritePlan(e_slot, e_pid, e_fill, e_first.bool(), t_pid, t_prev, t_reopen,

@@ -12,6 +12,7 @@
 // (K) / fp32 (V) scratch shared by the tile's query rows.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <vector>
@@ -38,7 +39,9 @@ struct Ctx {
   Lay L;
   int H, Hq, QG;
   float scale;
-  const float* q;
+  const void* q;
+  int q_type;  // 0 fp32, 1 bf16, 2 fp16
+  int64_t s_qt, s_qh;
   const uint8_t* pages;
   int64_t s_pb, s_ph, s_pp;
   const uint16_t* stage;
@@ -207,8 +210,12 @@ void run_item(const Ctx& C, const Item& it, Acc& A, float* q_tile, Scratch& S) {
   for (int i = 0; i < it.nrows; ++i) {
     const int row = it.row0 + i, tok = row / C.QG, hq = it.h * C.QG + row % C.QG;
     qpos[i] = L - n + tok;
-    const float* src = C.q + (int64_t(q0 + tok) * C.Hq + hq) * D;
-    for (int d = 0; d < D; ++d) q_tile[i * D + d] = src[d] * C.scale;
+    const int64_t at = int64_t(q0 + tok) * C.s_qt + hq * C.s_qh;
+    float* dst = q_tile + i * D;
+    if (C.q_type == 0) std::memcpy(dst, static_cast<const float*>(C.q) + at, D * 4);
+    else if (C.q_type == 1) cvt16<true>(static_cast<const uint16_t*>(C.q) + at, dst, D);
+    else cvt16<false>(static_cast<const uint16_t*>(C.q) + at, dst, D);
+    for (int d = 0; d < D; ++d) dst[d] = dst[d] * C.scale;  // = reference q.float() * scale
     A.m[i] = NEG_INF;
     A.l[i] = 0.f;
   }
@@ -225,8 +232,14 @@ void attention(const at::Tensor& q, const at::Tensor& out, const at::Tensor& pag
                const at::Tensor& seq_lens, const at::Tensor& qsl, const at::Tensor& stage_slot,
                const at::Tensor& sink_slot, c10::IntArrayRef lay, double scale,
                int64_t max_splits) {
-  TORCH_CHECK(q.is_contiguous() && out.is_contiguous() && q.scalar_type() == at::kFloat &&
-              out.scalar_type() == at::kFloat, "hack_cpu.attention: fp32 contiguous q/out");
+  auto ftype = [](const at::Tensor& t) {
+    const auto st = t.scalar_type();
+    TORCH_CHECK(t.dim() == 3 && t.stride(2) == 1 &&
+                (st == at::kFloat || st == at::kBFloat16 || st == at::kHalf),
+                "hack_cpu.attention: q/out [T, Hq, D], fp32/bf16/fp16, unit stride on D");
+    return st == at::kFloat ? 0 : st == at::kBFloat16 ? 1 : 2;
+  };
+  const int o_type = ftype(out);
   TORCH_CHECK(pages.scalar_type() == at::kByte && pages.dim() == 4 && pages.stride(3) == 1);
   TORCH_CHECK(stage.scalar_type() == sinks.scalar_type() && stage.stride(3) == 1 &&
               sinks.stride(3) == 1);
@@ -238,7 +251,7 @@ void attention(const at::Tensor& q, const at::Tensor& out, const at::Tensor& pag
   C.L = Lay{int(lay[0]), int(lay[1]), int(lay[2]), int(lay[3]), int(lay[4]), int(lay[5]),
             lay[6], lay[7], lay[8], lay[9], lay[10], lay[11], lay[12], lay[13]};
   C.H = pages.size(1), C.Hq = q.size(1), C.QG = C.Hq / C.H, C.scale = float(scale);
-  C.q = q.data_ptr<float>();
+  C.q = q.data_ptr(), C.q_type = ftype(q), C.s_qt = q.stride(0), C.s_qh = q.stride(1);
   C.pages = pages.data_ptr<uint8_t>();
   C.s_pb = pages.stride(0), C.s_ph = pages.stride(1), C.s_pp = pages.stride(2);
   C.stage = reinterpret_cast<const uint16_t*>(stage.data_ptr());
@@ -277,14 +290,20 @@ void attention(const at::Tensor& q, const at::Tensor& out, const at::Tensor& pag
   }
   const int64_t W = int64_t(work.size());
   std::vector<float> part(W > tiles ? size_t(W) * BM * (D + 2) : 0);
-  float* o = out.data_ptr<float>();
+  char* o = static_cast<char*>(out.data_ptr());
+  const int64_t s_ot = out.stride(0), s_oh = out.stride(1), o_size = out.element_size();
   auto store = [&](const Item& it, const float* acc, const float* l) {
     const int q0 = C.qsl[it.r];
     for (int i = 0; i < it.nrows; ++i) {
       const int row = it.row0 + i, tok = row / C.QG, hq = it.h * C.QG + row % C.QG;
-      float* dst = o + (int64_t(q0 + tok) * C.Hq + hq) * D;
+      char* dst = o + (int64_t(q0 + tok) * s_ot + hq * s_oh) * o_size;
       const float inv = l[i] > 0 ? l[i] : 1.0f;
-      for (int d = 0; d < D; ++d) dst[d] = acc[i * D + d] / inv;
+      for (int d = 0; d < D; ++d) {
+        const float x = acc[i * D + d] / inv;
+        if (o_type == 0) reinterpret_cast<float*>(dst)[d] = x;
+        else if (o_type == 1) reinterpret_cast<c10::BFloat16*>(dst)[d] = c10::BFloat16(x);
+        else reinterpret_cast<c10::Half*>(dst)[d] = c10::Half(x);
+      }
     }
   };
   at::parallel_for(0, W, 1, [&](int64_t b, int64_t e) {
