@@ -129,9 +129,12 @@ def hack_attention_kernel(ext, q: torch.Tensor, cache: HackCache, batch: HackBat
     if out is None:
         out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     o = _attn_io(out)
-    ext.attention(q, o, cache.pages, cache.stage, cache.sinks, _i32(batch.block_table),
-                  _i32(batch.seq_lens), _i32(batch.query_start_loc), _i32(batch.stage_slot),
-                  _i32(batch.sink_slot), layout_args(cache), float(scale), int(max_splits))
+    b = batch
+    meta = (b.block_table, b.seq_lens, b.query_start_loc, b.stage_slot, b.sink_slot)
+    if not all(t.dtype == torch.int32 for t in meta):  # HackBatch promises int32; be lenient
+        meta = tuple(_i32(t) for t in meta)
+    ext.attention(q, o, cache.pages, cache.stage, cache.sinks, *meta, layout_args(cache),
+                  float(scale), int(max_splits))
     if o is not out:
         out.copy_(o)
     return out

@@ -13,6 +13,9 @@ Measures, for each ``--bits`` (16 = stock vLLM):
   gpu-time  Triton kernel vs dense (SDPA) vs dequantize-then-attend, only where CUDA exists.
 
     .venv/bin/python scripts/bench_hack.py --tasks 40 --out hack.json
+
+``--engine-only --max-num-seqs 1 8 32``: only the engine runs (throughput, accuracy, agreement
+and capacity) for every bit width x ``--max-num-seqs`` value, bit widths interleaved per value.
 """
 from __future__ import annotations
 
@@ -190,6 +193,28 @@ def decode_timing(bits: int, partition: int, device: str, R=8, L=1024, H=2, qg=2
 
 
 # ---- main --------------------------------------------------------------------------------------
+def engine_only(args) -> None:
+    rows = []
+    for mns in args.engine_only or [args.max_num_seqs]:
+        args.max_num_seqs = mns
+        runs = {bits: run_engine(bits, args) for bits in args.bits}
+        base = runs.get(16)
+        for bits, run in runs.items():
+            row = {"bits": bits, "max_num_seqs": mns, "kv_tokens": run["kv_tokens"],
+                   "accuracy": run["correct"] / run["n"], "gen_tokens": run["gen_tokens"],
+                   "gen_s": run["gen_s"], "gen_tok_per_s": run["gen_tokens"] / run["gen_s"]}
+            if base:
+                row["tok_per_s_vs_bf16"] = row["gen_tok_per_s"] / (base["gen_tokens"] /
+                                                                   base["gen_s"])
+                row["vs_16bit"] = agreement(run["token_ids"], base["token_ids"])
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"rows": rows, "tasks": args.tasks, "max_tokens": args.max_tokens,
+                       "partition": args.partition, "kv_gib": args.kv_gib}, f, indent=1)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bits", type=int, nargs="+", default=[16, 8, 4, 2])
@@ -201,11 +226,15 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--model", default=None, help="default: the embedded testbed model")
     ap.add_argument("--skip-engine", action="store_true")
+    ap.add_argument("--engine-only", nargs="*", type=int, default=None, metavar="MAX_NUM_SEQS",
+                    help="only engine runs, for each of these --max-num-seqs values")
     ap.add_argument("--out", default=None)
     ap.add_argument("--engine-child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.engine_child is not None:
         return engine_child(args)
+    if args.engine_only is not None:
+        return engine_only(args)
 
     from vllm_ext.kernels.quant import HackLayout
     from vllm_ext.testbed.model import default_model_path

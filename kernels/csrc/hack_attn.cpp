@@ -15,6 +15,7 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include <memory>
 #include <vector>
 
 #include "hack_lowbit.h"
@@ -78,8 +79,9 @@ void dense_part(const Ctx& C, const Item& it, const float* qt, const int* qpos, 
   const int D = C.L.D, Pi = C.L.Pi, r = it.r;
   const int L = C.seq[r], ns = L / Pi, n_open = L - ns * Pi;
   const int sink = C.kslot[r], slot = C.sslot[r];
-  std::vector<float> kv;  // [n][2D]
-  std::vector<int> kpos;
+  static thread_local std::vector<float> kv, s, p;  // kv [n][2D]; capacity kept across calls
+  static thread_local std::vector<int> kpos;
+  kv.clear(), kpos.clear();
   auto add = [&](const uint16_t* base, int n, int pos0) {
     size_t at = kv.size();
     kv.resize(at + size_t(n) * 2 * D);
@@ -90,7 +92,7 @@ void dense_part(const Ctx& C, const Item& it, const float* qt, const int* qpos, 
   if (slot >= 0 && n_open > 0) add(C.stage + slot * C.s_ss + it.h * C.s_sh, n_open, ns * Pi);
   const int n = int(kpos.size());
   if (n == 0) return;
-  std::vector<float> s(n), p(n);
+  s.resize(n), p.resize(n);
   for (int i = 0; i < it.nrows; ++i) {
     const float* qi = qt + i * D;
     for (int t = 0; t < n; ++t)
@@ -109,7 +111,8 @@ struct Scratch {  // per thread, sized once per call
   std::vector<uint8_t> kc8, vp8, a8, b8;
   std::vector<float> vc, ks, km, ksum, vsT, vmT, vsum, tmp, codes, s, p, b, dotv;
   std::vector<int32_t> dots;
-  Scratch(int D, int Pi) {
+  int D = 0, Pi = 0;
+  Scratch(int D_, int Pi_) : D(D_), Pi(Pi_) {
     const int G = D / VG, n = std::max(D, Pi * G);
     kc.resize(size_t(Pi) * D), a16.resize(D), kc8.resize(size_t(Pi) * D);
     vp8.resize(size_t(Pi) * D), a8.resize(D), b8.resize(Pi), vc.resize(size_t(Pi) * D);
@@ -307,10 +310,13 @@ void attention(const at::Tensor& q, const at::Tensor& out, const at::Tensor& pag
     }
   };
   at::parallel_for(0, W, 1, [&](int64_t b, int64_t e) {
-    Acc A;
+    static thread_local std::unique_ptr<Scratch> tls;  // reused across calls
+    static thread_local Acc A;
+    static thread_local std::vector<float> q_tile;
+    if (!tls || tls->D != D || tls->Pi != Pi) tls.reset(new Scratch(D, Pi));
+    Scratch& S = *tls;
     A.o.resize(size_t(BM) * D);
-    std::vector<float> q_tile(size_t(BM) * D);
-    Scratch S(D, Pi);
+    q_tile.resize(size_t(BM) * D);
     for (int64_t w = b; w < e; ++w) {
       const Item& it = work[w];
       if (bf16) run_item<true>(C, it, A, q_tile.data(), S);
