@@ -303,8 +303,9 @@ def plot(out: Path, a, b) -> None:
             ax.set_ylabel("mean |err| / N")
             if col == 0 and row == 0:
                 ax.legend(fontsize=7)
+            _kib_ticks(ax, sorted({r["memory_kib"] for r in a}))
     fig.tight_layout()
-    fig.savefig(out / "sliding_window.png", dpi=110)
+    fig.savefig(out / "error_vs_memory.png", dpi=110)
     traces = sorted({r["trace"] for r in b})
     fig, axes = plt.subplots(1, len(traces), figsize=(5 * len(traces), 4), squeeze=False)
     for col, trace in enumerate(traces):
@@ -322,8 +323,17 @@ def plot(out: Path, a, b) -> None:
         ax.set_xlabel("peak memory held (KiB)")
         ax.set_ylabel("on-arrival mean |err| / W")
         ax.legend(fontsize=7)
+        _kib_ticks(ax, [4, 8, 16, 32, 64])
     fig.tight_layout()
-    fig.savefig(out / "error_vs_memory.png", dpi=110)
+    fig.savefig(out / "sliding_window.png", dpi=110)
+
+
+def _kib_ticks(ax, ticks) -> None:
+    from matplotlib.ticker import NullFormatter
+
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([f"{t:g}" for t in ticks])
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def main() -> None:
@@ -331,6 +341,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="docs/telemetry")
+    p.add_argument("--part", choices=("all", "b"), default="all",
+                   help="b: rerun part B only, keeping part A from the saved results.json")
     args = p.parse_args()
     t = time.time()
     n, reqs_n = (30_000, 3000) if args.quick else (200_000, 20_000)
@@ -338,7 +350,10 @@ def main() -> None:
     traces = {"zipf": zipf_trace(n, args.seed, False), "zipf-drift": zipf_trace(n, args.seed, True),
               "testbed": testbed_block_trace(reqs)}
     memories = [KIB * m for m in ((2, 8, 32) if args.quick else (2, 4, 8, 16, 32, 64))]
-    a = part_a(traces, memories, args.seed)
+    if args.part == "b":
+        a = json.loads((Path(args.out) / "results.json").read_text())["part_a"]
+    else:
+        a = part_a(traces, memories, args.seed)
     zipf_items = [int(k) for k in traces["zipf"][0][: n // 2]]
     prefix_items, prefix_feats = [], []
     for _, hashes, ntok in reqs:

@@ -81,6 +81,20 @@ def test_fold_is_exact_and_widths_come_from_the_budget():
     assert width_for(4 * 4 * 256, 4) == 256 and width_for(4 * 4 * 300, 4) == 256
 
 
+def test_per_request_path_matches_the_vectorised_one():
+    from vllm_ext.telemetry.hashing import key_of, mix64, splitmix64
+
+    keys = zipf(300, 5)
+    assert [int(v) for v in splitmix64(keys[:20])] == [mix64(int(k)) for k in keys[:20]]
+    assert key_of(b"\x07" * 32) == int.from_bytes(b"\x07" * 8, "little")
+    for kind in ("cm", "cs"):
+        whole, pieces = Sketch(kind, 4, 128, seed=2), Sketch(kind, 4, 128, seed=2)
+        whole.add(keys)  # numpy path
+        for i in range(0, keys.size, 3):
+            pieces.add(keys[i:i + 3])  # the small-batch Python path
+        assert (whole.counters == pieces.counters).all() and whole.items == pieces.items
+
+
 def test_error_equalisation_closes_fragments_at_equal_load_per_counter():
     fs = FragmentedSketch(budget_bytes=1 << 16, fragment_bytes=1024, rho=2.0, epoch_s=1e9)
     for i, size in enumerate([1024, 256, 4096]):
@@ -189,7 +203,7 @@ def test_learned_filter_learns_singletons():
 
 # ---- collectors -------------------------------------------------------------------------------
 def _cfg(**kw):
-    return ExtConfig(telemetry=True, telemetry_window=64, **kw)
+    return ExtConfig(telemetry=True, telemetry_window=64, **{"telemetry_learned": True, **kw})
 
 
 def test_prefix_and_tenant_and_expert_collectors():
@@ -221,11 +235,11 @@ def test_flags_and_config():
 
     ns, _ = ext_arg_parser().parse_known_args(
         ["--ext-telemetry", "--ext-telemetry-prefix-bytes", "4096", "--ext-telemetry-sketch",
-         "cs", "--ext-telemetry-no-learned", "--ext-telemetry-hot-prefix", "3"])
+         "cs", "--ext-telemetry-learned", "--ext-telemetry-hot-prefix", "3"])
     cfg = ext_config_from_args(ns)
     assert (cfg.telemetry, cfg.telemetry_prefix_bytes, cfg.telemetry_sketch,
             cfg.telemetry_learned, cfg.telemetry_hot_prefix, cfg.moe_track_load) == \
-        (True, 4096, "cs", False, 3, False)  # expert counters stay opt-in (they cost per step)
+        (True, 4096, "cs", True, 3, False)  # expert counters stay opt-in (they cost per step)
     assert ExtConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ExtConfigError, match="--ext-telemetry-prefix-bytes"):
         ExtConfig(telemetry_prefix_bytes=10)

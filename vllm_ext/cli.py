@@ -165,8 +165,9 @@ def _add_telemetry_flags(g) -> None:
                        help=f"telemetry: memory of the {what}")
     g.add_argument("--ext-telemetry-window", type=int, default=d.telemetry_window, metavar="W",
                    help="telemetry: top prefixes / tenants over the last W requests")
-    g.add_argument("--ext-telemetry-no-learned", action="store_true",
-                   help="telemetry: plain WCSS top-k (no learned next-arrival filter)")
+    g.add_argument("--ext-telemetry-learned", action="store_true",
+                   help="telemetry: learned next-arrival filter + Bloom guard in front of the "
+                        "top-k (LWCSS; pays off for windows much larger than the tracker)")
     g.add_argument("--ext-telemetry-rho", type=float, default=d.telemetry_rho,
                    help="telemetry: items per counter before a fragment closes")
     g.add_argument("--ext-telemetry-epoch-s", type=float, default=d.telemetry_epoch_s,
@@ -187,7 +188,7 @@ def _telemetry_settings(ns: argparse.Namespace) -> dict:
     names = ("sketch", "depth", "prefix_bytes", "expert_bytes", "topk_bytes", "window", "rho",
              "epoch_s", "prefix_blocks", "tenant_header", "hot_prefix", "hot_prefix_wait_steps")
     out = {f"telemetry_{n}": getattr(ns, f"ext_telemetry_{n}") for n in names}
-    out.update(telemetry=ns.ext_telemetry, telemetry_learned=not ns.ext_telemetry_no_learned)
+    out.update(telemetry=ns.ext_telemetry, telemetry_learned=ns.ext_telemetry_learned)
     return out
 
 

@@ -109,7 +109,8 @@ class ExtConfig:
     telemetry_expert_bytes: int = 16384   # per-expert load fragments, in the API server
     telemetry_topk_bytes: int = 16384     # each top-k tracker (prefixes; tenants)
     telemetry_window: int = 1024          # W: top prefixes / tenants over the last W requests
-    telemetry_learned: bool = True        # learned next-arrival filter + Bloom guard (LWCSS)
+    telemetry_learned: bool = False       # learned next-arrival filter + Bloom guard (LWCSS);
+    #                                       off: at W ~ 1k it loses to plain WCSS (measured)
     telemetry_rho: float = 4.0            # items per counter before a fragment closes
     telemetry_epoch_s: float = 10.0       # longest sub-epoch of a fragment
     telemetry_prefix_blocks: int = 4      # a top-k "prefix" = the request's first N blocks

@@ -42,6 +42,8 @@ def key_of(item) -> int:
     """A 64-bit key: ints as they are (mod 2^64), bytes by their first 8 bytes when they are
     already a hash (vLLM block hashes: sha256 / cbor digests, >= 8 bytes), anything else by
     blake2b of its repr-free encoding."""
+    if type(item) is bytes and len(item) >= 16:  # a vLLM block hash: the common case
+        return int.from_bytes(item[-8:], "little")
     if isinstance(item, (int, np.integer)) and not isinstance(item, bool):
         return int(item) & MASK64
     if isinstance(item, (bytes, bytearray, memoryview)):

@@ -14,8 +14,12 @@ a small hashed-feature logistic regression (`NextArrivalPredictor`: ``2^bits`` f
 weights over hashed features, e.g. the item's id and, for prompts, tenant and length bucket),
 learned online from recent history: a sample of arrivals (1 in ``sample_every``, drawn by a
 hash of the position so periodic streams do not alias) waits in a
-bounded buffer until it is labelled - recurred within the window (1) or expired (0) - and
-each label is one SGD step. Every byte of predictor, buffer and Bloom filters is counted in
+bounded buffer until it is labelled - recurred within the label horizon (1) or expired (0) -
+and each label is one SGD step. The horizon is ``min(window, label_horizon)``: a negative label
+takes a whole horizon to arrive and holds a buffer slot meanwhile, so with a 32768-arrival
+window the predictor got too few labels to leave its warm-up (measured, docs/telemetry.md);
+predicting "no recurrence within 4096" filters some items that do recur later in the window,
+which the Bloom guard then counts from their second arrival (the same two-undercount bound). Every byte of predictor, buffer and Bloom filters is counted in
 `memory_bytes`, next to the WCSS entries.
 """
 from __future__ import annotations
@@ -127,12 +131,14 @@ class LearnedWindow:
     buffer_size: int = 64    # sampled arrivals awaiting their label
     sample_every: int = 8
     warmup: int = 64         # labels before the predictor may filter anything
+    label_horizon: int = 4096  # predict recurrence within min(window, this) arrivals
     filtered: int = 0
     guarded: int = 0
 
     def __post_init__(self) -> None:
         self.wcss = WindowSpaceSaving(self.window, self.counters)
-        self.predictor = NextArrivalPredictor(self.window, self.predictor_bits,
+        self.predictor = NextArrivalPredictor(min(self.window, self.label_horizon),
+                                              self.predictor_bits,
                                               sample_every=self.sample_every,
                                               buffer_size=self.buffer_size)
         self.blooms = (BloomFilter(self.bloom_bits), BloomFilter(self.bloom_bits))
