@@ -31,8 +31,14 @@ logger = logging.getLogger("vllm_ext")
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("hack_attn.cpp", "hack_write.cpp")
 HEADERS = ("hack_simd.h", "hack_lowbit.h")
-CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-std=c++17"]
 LDFLAGS = ["-fopenmp"]
+
+
+def cflags() -> list[str]:
+    """``-march`` from ``VLLM_EXT_HACK_CPU_MARCH`` (default native; e.g. x86-64 builds the scalar
+    path). FP contraction off: the on-the-fly quantization must round as the reference does."""
+    march = os.environ.get("VLLM_EXT_HACK_CPU_MARCH", "native")
+    return ["-O3", f"-march={march}", "-ffp-contract=off", "-fopenmp", "-std=c++17"]
 MAX_SPLITS = 16
 
 _lock = threading.Lock()
@@ -53,7 +59,7 @@ def _build_key() -> str:
     h = hashlib.sha256()
     for name in SOURCES + HEADERS:
         h.update((CSRC / name).read_bytes())
-    h.update(" ".join(CFLAGS + LDFLAGS).encode())
+    h.update(" ".join(cflags() + LDFLAGS).encode())
     h.update(torch.__version__.encode())
     h.update(_cpu_flags().encode())
     return h.hexdigest()[:12]
@@ -72,7 +78,7 @@ def _build():
     build_dir = cache_dir() / name
     build_dir.mkdir(parents=True, exist_ok=True)
     load(name=name, sources=[str(CSRC / s) for s in SOURCES],
-         extra_cflags=CFLAGS + [f"-DHACK_OPS_NS={name}"], extra_ldflags=LDFLAGS,
+         extra_cflags=cflags() + [f"-DHACK_OPS_NS={name}"], extra_ldflags=LDFLAGS,
          extra_include_paths=[str(CSRC)], build_directory=str(build_dir),
          is_python_module=False, verbose=False)
     return getattr(torch.ops, name)

@@ -194,3 +194,17 @@ def test_apply_writes_uses_the_extension_on_cpu(ext, monkeypatch):
     assert calls == [1]
     monkeypatch.setenv("VLLM_EXT_HACK_CPU", "ref")
     assert not ck.write_cpu(sim.cache, sim.last_plan, None, None)
+
+
+@pytest.mark.slow
+def test_scalar_build_matches_reference(ext, monkeypatch):
+    """The portable path (no AVX2: -march=x86-64), as a CPU without AVX2/FMA/F16C builds it."""
+    monkeypatch.setenv("VLLM_EXT_HACK_CPU_MARCH", "x86-64")
+    monkeypatch.setattr(ck, "_state", {})
+    scalar = ck.load_extension()
+    assert scalar is not None and scalar is not ext
+    for bits in (8, 4, 2):
+        for mode in ("decode", "chunked"):
+            got, want, (q, sim, batch) = _case(scalar, bits, 64, 32, mode, seed=bits)
+            _assert_close(got, want)
+            _assert_close(ck.hack_attention_kernel(ext, q, sim.cache, batch, 0.125), want)
