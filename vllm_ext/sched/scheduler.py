@@ -73,6 +73,8 @@ VLLM_TARGETS: dict[str, tuple[str, str]] = {
 
 
 class _PredictiveMixin:
+    ext_telemetry = None  # a SchedulerTelemetry with --ext-telemetry (vllm_ext.telemetry.engine)
+
     def __init__(self, vllm_config, *args, **kwargs) -> None:
         super().__init__(vllm_config, *args, **kwargs)
         self.ext_config = ExtConfig.from_vllm_config(vllm_config)
