@@ -149,12 +149,19 @@ def hack_attention_kernel(ext, q: torch.Tensor, cache: HackCache, batch: HackBat
 def write_kernel(ext, cache: HackCache, plan, key: torch.Tensor, value: torch.Tensor) -> None:
     """The extension's ``apply_writes``: same bytes in pages / staging / sinks, in place."""
     n = plan.tok_touch.numel()
-    key, value = (x[:n].to(cache.stage.dtype) for x in (key, value))
+    key, value = (x if x.shape[0] == n else x[:n] for x in (key, value))
+    if key.dtype != cache.stage.dtype or value.dtype != cache.stage.dtype:
+        key, value = key.to(cache.stage.dtype), value.to(cache.stage.dtype)
     key, value = (x if x.stride(-1) == 1 else x.contiguous() for x in (key, value))
-    tensors = [t if t.dtype == torch.long and t.is_contiguous() else t.long().contiguous()
-               for t in vars(plan).values()]
-    ext.write(cache.pages, cache.stage, cache.sinks, key, value, tensors,
-              _layout_args(cache.layout, cache.block_size)[1])
+    tensors = list(plan.__dict__.values())  # int64 views of one tensor (_plan_tensors)
+    args = _layout_args(cache.layout, cache.block_size)[1]
+    try:
+        ext.write(cache.pages, cache.stage, cache.sinks, key, value, tensors, args)
+    except RuntimeError as e:  # a plan built elsewhere (bool / non-contiguous fields)
+        if "int64 plan tensors" not in str(e):
+            raise
+        tensors = [t.long().contiguous() for t in tensors]
+        ext.write(cache.pages, cache.stage, cache.sinks, key, value, tensors, args)
 
 
 def write_cpu(cache: HackCache, plan, key: torch.Tensor, value: torch.Tensor) -> bool:

@@ -73,16 +73,17 @@ class HackBatch:
 
 @dataclass
 class WritePlan:
-    """What one step writes; indices are long tensors on the host (moved by ``apply_writes``)."""
+    """What one step writes; all int64 on the host (views of one tensor; moved by
+    ``apply_writes_ref``)."""
 
     evict_slot: torch.Tensor    # [E] staging slots sealed early ...
     evict_pid: torch.Tensor     # [E] ... into these partitions
     evict_fill: torch.Tensor    # [E] tokens they hold
-    evict_first: torch.Tensor   # [E] bool: a sequence's partition 0 (sinks left out of K ranges)
+    evict_first: torch.Tensor   # [E] 1: a sequence's partition 0 (sinks left out of K ranges)
     touch_pid: torch.Tensor     # [T] partitions written this step
     touch_prev: torch.Tensor    # [T] staging slot with their earlier tokens, -1 if none
     touch_reopen: torch.Tensor  # [T] tokens to restore from an early-sealed record (0 if none)
-    touch_first: torch.Tensor   # [T] bool
+    touch_first: torch.Tensor   # [T] 0/1
     touch_sink: torch.Tensor    # [T] sink slot to restore positions < SINK from, -1 if none
     tok_touch: torch.Tensor     # [n_tok] touched index of each new token
     tok_off: torch.Tensor       # [n_tok] its offset in the partition
@@ -197,31 +198,26 @@ class HackPlanner:
         return _plan_tensors(ev, touch, toks, close, opened, sink_w), req_stage, req_sink
 
 
-def _cols(items: list[tuple], n: int, device="cpu") -> list[torch.Tensor]:
-    if not items:
-        return [torch.zeros(0, dtype=torch.long, device=device) for _ in range(n)]
-    return [torch.tensor(c, dtype=torch.long, device=device) for c in zip(*items)]
-
-
-def _token_runs(runs) -> tuple[torch.Tensor, torch.Tensor]:
-    """(touched index, first offset, count) runs -> per-token touched index and offset."""
-    idx, off0, count = _cols(runs, 3)
-    tok_touch = torch.repeat_interleave(idx, count)
-    start = count.cumsum(0) - count
-    tok_off = torch.arange(tok_touch.numel()) - torch.repeat_interleave(start - off0, count)
-    return tok_touch, tok_off
+def _transpose(items: list[tuple], n: int) -> list[list[int]]:
+    return [list(c) for c in zip(*items)] if items else [[] for _ in range(n)]
 
 
 def _plan_tensors(ev, touch, toks, close, opened, sink_w) -> WritePlan:
-    e_slot, e_pid, e_fill, e_first = _cols(ev, 4)
-    t_pid, t_prev, t_reopen, t_first, t_sink = _cols(touch, 5)
-    tok_touch, tok_off = _token_runs(toks)
-    open_idx, open_slot = _cols(opened, 2)
-    s_tok, s_slot, s_off = _cols(sink_w, 3)
-    return WritePlan(e_slot, e_pid, e_fill, e_first.bool(), t_pid, t_prev, t_reopen,
-                     t_first.bool(), t_sink, tok_touch, tok_off,
-                     torch.tensor(close, dtype=torch.long), open_idx, open_slot,
-                     s_tok, s_slot, s_off)
+    """One int64 tensor for the whole plan, split into the WritePlan fields (contiguous views);
+    per-token indices expanded from the runs (vectorised; a decode step's runs are its tokens)."""
+    idx, off0, count = _transpose(toks, 3)
+    single = len(idx) == sum(count)
+    cols = _transpose(ev, 4) + _transpose(touch, 5) + \
+        ([idx, off0] if single else [[], []]) + [close] + _transpose(opened, 2) + \
+        _transpose(sink_w, 3)
+    flat = torch.tensor([x for c in cols for x in c], dtype=torch.long)
+    fields = list(flat.split([len(c) for c in cols]))
+    if not single:
+        i, o, n = (torch.tensor(c, dtype=torch.long) for c in (idx, off0, count))
+        fields[9] = torch.repeat_interleave(i, n)
+        start = n.cumsum(0) - n
+        fields[10] = torch.arange(fields[9].numel()) - torch.repeat_interleave(start - o, n)
+    return WritePlan(*fields)
 
 
 def _k_valid(layout: HackLayout, fill: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
@@ -254,7 +250,7 @@ def apply_writes_ref(cache: HackCache, plan: WritePlan, key: torch.Tensor,
     p = WritePlan(**{k: v.to(dev) for k, v in vars(plan).items()})
     if p.evict_slot.numel():
         _seal(cache, p.evict_pid, cache.stage[p.evict_slot],
-              _k_valid(L, p.evict_fill, p.evict_first))
+              _k_valid(L, p.evict_fill, p.evict_first.bool()))
     T = p.touch_pid.numel()
     if T == 0:
         return
@@ -275,7 +271,7 @@ def apply_writes_ref(cache: HackCache, plan: WritePlan, key: torch.Tensor,
     if p.close_idx.numel():
         full = torch.full_like(p.close_idx, Pi)
         _seal(cache, p.touch_pid[p.close_idx], scratch[p.close_idx],
-              _k_valid(L, full, p.touch_first[p.close_idx]))
+              _k_valid(L, full, p.touch_first[p.close_idx].bool()))
     cache.stage[p.open_slot] = scratch[p.open_idx]
     if p.sink_tok.numel():
         cache.sinks[p.sink_slot, :, p.sink_off] = kv[p.sink_tok]
