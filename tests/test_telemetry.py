@@ -229,6 +229,34 @@ def test_prefix_and_tenant_and_expert_collectors():
     assert win["50"]["layers"]["l0"][0] <= 20 + win["50"]["bound"]
 
 
+def test_collector_takes_the_engines_closed_fragments_and_answers_the_same():
+    from vllm_ext.telemetry.collect import PrefixHistory
+
+    cfg = _cfg(telemetry_prefix_bytes=4096, telemetry_epoch_s=5.0)
+    engine, reference = PrefixTelemetry(cfg, node="e"), PrefixTelemetry(
+        _cfg(telemetry_prefix_bytes=1 << 20, telemetry_epoch_s=5.0), node="e")
+    history = PrefixHistory(cfg)
+    hashes = [bytes([i % 5]) * 32 for i in range(300)]
+    for i, h in enumerate(hashes):
+        for tel in (engine, reference):
+            tel.on_request([h], 20, now=float(i) / 3)
+        if i % 20 == 19:  # a pull every 20 requests (about 7 s: one or two fragments closed)
+            history.absorb(engine.report(5, 1e6, False, True, now=float(i) / 3), 1e6, False)
+    assert engine.sketch.memory_bytes <= 4096 and engine.sketch.dropped == 0
+    assert len(history.fragments) > 3 and not engine.sketch.fragments  # the history moved
+    got = history.absorb(engine.report(5, 1e6, False, True, now=100.0), 1e6, True)
+    ref = reference.report(5, 1e6, now=100.0)
+    truth = Counter(int.from_bytes(h[-8:], "little") for h in hashes)
+    for row in got["top"]:
+        assert row["range_count"] >= truth[int(row["prefix"], 16)]  # CM: never under
+        assert row["range_count"] <= truth[int(row["prefix"], 16)] + got["range_bound"]
+    assert {r["prefix"] for r in got["top"]} == {r["prefix"] for r in ref["top"]}
+    assert FragmentedSketch.from_dict(got["fragments"]).items == 300
+    small = PrefixHistory(_cfg(telemetry_history_bytes=4096))
+    small.absorb(engine.report(5, 1e6, False, True, now=101.0), 1e6, False)
+    assert small.memory_bytes <= 4096
+
+
 # ---- config, flags, query parameters ------------------------------------------------------------
 def test_flags_and_config():
     from vllm_ext.cli import ext_arg_parser, ext_config_from_args
@@ -309,10 +337,16 @@ def test_metric_names_and_types_follow_prometheus_conventions():
 
 # ---- the route on vLLM's own app, no engine --------------------------------------------------
 class _Engine:
+    """The scheduler side is the real one (`SchedulerTelemetry`, called as EngineCore's
+    utility call would), only the transport is fake."""
+
     def __init__(self, telemetry: bool) -> None:
+        from vllm_ext.telemetry.engine import SchedulerTelemetry
+
         cfg = _cfg(moe_track_load=True) if telemetry else ExtConfig()
-        self.prefixes = PrefixTelemetry(cfg, node="fake")
-        self.prefixes.on_request([b"\x01" * 32], 20)
+        self.prefixes = SchedulerTelemetry(cfg)
+        self.prefixes.on_request(SimpleNamespace(request_id="r0", block_hashes=[b"\x01" * 32],
+                                                 num_prompt_tokens=20))
         self.engine_core = self
         self.vllm_config = SimpleNamespace(
             model_config=SimpleNamespace(model="tiny", hf_config=SimpleNamespace(
@@ -323,7 +357,7 @@ class _Engine:
 
     async def call_utility_async(self, _utility, method, args):
         assert method == "ext_telemetry_report"
-        return self.prefixes.report(*args)
+        return json.loads(json.dumps(self.prefixes.report(*args)))  # as it crosses the IPC
 
     async def collective_rpc(self, method, args=(), kwargs=None):
         assert method == "ext_expert_load" and kwargs == {"ep_devices": 2}
@@ -429,6 +463,17 @@ def test_hot_prefix_hint_puts_hot_cached_requests_first_stably():
     assert tel.report()["hot_prefix"]["reorders"] == 1
     tel.forget("r4")
     assert tel.report()["hot_prefix"]["hot_waiting"] == 1
+
+
+def test_a_telemetry_error_switches_it_off_instead_of_raising():
+    from vllm_ext.telemetry.engine import SchedulerTelemetry
+
+    tel = SchedulerTelemetry(_cfg())
+    tel.on_request(SimpleNamespace(request_id="r0", block_hashes=None))  # no num_prompt_tokens
+    assert tel.failed and "on_request" in tel.failed
+    assert tel.report(5) == {"error": tel.failed}  # answered, not raised
+    assert tel.on_request(SimpleNamespace(request_id="r1", block_hashes=[b"\x01" * 32],
+                                          num_prompt_tokens=1)) is None
 
 
 def test_hint_off_never_reorders():

@@ -157,7 +157,8 @@ def _add_telemetry_flags(g) -> None:
                    help="telemetry: Count-Min or Count Sketch fragments")
     g.add_argument("--ext-telemetry-depth", type=int, default=d.telemetry_depth,
                    help="telemetry: sketch rows (CM fails with probability e^-depth)")
-    for name, what in (("prefix", "prefix-block sketch fragments (engine)"),
+    for name, what in (("prefix", "prefix fragments in the engine (open + not yet pulled)"),
+                       ("history", "prefix fragments pulled into the API server"),
                        ("expert", "per-expert load fragments (API server)"),
                        ("topk", "each top-k tracker over the last W requests")):
         g.add_argument(f"--ext-telemetry-{name}-bytes", type=int, metavar="BYTES",
@@ -185,8 +186,9 @@ def _add_telemetry_flags(g) -> None:
 
 
 def _telemetry_settings(ns: argparse.Namespace) -> dict:
-    names = ("sketch", "depth", "prefix_bytes", "expert_bytes", "topk_bytes", "window", "rho",
-             "epoch_s", "prefix_blocks", "tenant_header", "hot_prefix", "hot_prefix_wait_steps")
+    names = ("sketch", "depth", "prefix_bytes", "history_bytes", "expert_bytes", "topk_bytes",
+             "window", "rho", "epoch_s", "prefix_blocks", "tenant_header", "hot_prefix",
+             "hot_prefix_wait_steps")
     out = {f"telemetry_{n}": getattr(ns, f"ext_telemetry_{n}") for n in names}
     out.update(telemetry=ns.ext_telemetry, telemetry_learned=ns.ext_telemetry_learned)
     return out

@@ -106,6 +106,7 @@ class ExtConfig:
     telemetry_sketch: str = "cm"          # cm (Count-Min) | cs (Count Sketch)
     telemetry_depth: int = 4              # sketch rows
     telemetry_prefix_bytes: int = 65536   # prefix-block fragments, in the engine
+    telemetry_history_bytes: int = 1 << 20  # prefix fragments pulled into the API server
     telemetry_expert_bytes: int = 16384   # per-expert load fragments, in the API server
     telemetry_topk_bytes: int = 16384     # each top-k tracker (prefixes; tenants)
     telemetry_window: int = 1024          # W: top prefixes / tenants over the last W requests
@@ -263,7 +264,7 @@ def _check_branches(cfg: "ExtConfig") -> None:
 def _check_telemetry(cfg: "ExtConfig") -> None:
     _check_choice("telemetry_sketch", cfg.telemetry_sketch, ("cm", "cs"))
     _check_between("telemetry_depth", cfg.telemetry_depth, 1, 16)
-    for name in ("telemetry_prefix_bytes", "telemetry_expert_bytes"):
+    for name in ("telemetry_prefix_bytes", "telemetry_expert_bytes", "telemetry_history_bytes"):
         _check_range(name, getattr(cfg, name), 1024)
     _check_range("telemetry_topk_bytes", cfg.telemetry_topk_bytes, 8192 if cfg.telemetry_learned
                  else 512)

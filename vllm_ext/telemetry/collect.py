@@ -5,7 +5,8 @@ the API server. The structures are `fragments` (DiSketch, arXiv 2503.13515) and 
 * `PrefixTelemetry` (EngineCore, `PredictiveScheduler.add_request`): every arriving request's
   prefix-block hashes (vLLM's ``Request.block_hashes``: block i's hash covers the whole prompt
   prefix up to block i) go into a fragmented sketch, so the popularity of any prefix over any
-  time range can be asked; one item per request - the hash of its first
+  time range can be asked; closed fragments move to the API server's `PrefixHistory` at each
+  pull (DiSketch's node / collector split); one item per request - the hash of its first
   ``telemetry_prefix_blocks`` blocks (fewer if the prompt is shorter) - goes into the top-k
   tracker over the last W requests, with the first block (the template) and the prompt length
   as the predictor's extra features.
@@ -26,7 +27,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from vllm_ext.telemetry.fragments import FragmentedSketch
+from vllm_ext.telemetry.fragments import Fragment, FragmentedSketch
 from vllm_ext.telemetry.hashing import key_of
 from vllm_ext.telemetry.learned import LearnedWindow
 from vllm_ext.telemetry.wcss import WindowSpaceSaving
@@ -53,9 +54,11 @@ def tracker(budget_bytes: int, window: int, learned: bool, threshold: float = 0.
                          bloom_bits=8 * bloom_bytes, buffer_size=32)
 
 
-def fragmented(cfg, budget_bytes: int, node: str) -> FragmentedSketch:
+def fragmented(cfg, budget_bytes: int, node: str, parts: int = 8) -> FragmentedSketch:
+    """Fragments of at most ``budget / parts`` bytes each, within `budget_bytes` together."""
     return FragmentedSketch(kind=cfg.telemetry_sketch, depth=cfg.telemetry_depth,
-                            budget_bytes=budget_bytes, fragment_bytes=max(budget_bytes // 8, 1024),
+                            budget_bytes=budget_bytes,
+                            fragment_bytes=max(budget_bytes // parts, 1024),
                             rho=cfg.telemetry_rho, epoch_s=cfg.telemetry_epoch_s, node=node)
 
 
@@ -81,7 +84,10 @@ class PrefixTelemetry:
     node: str = field(default_factory=node_name)
 
     def __post_init__(self) -> None:
-        self.sketch = fragmented(self.cfg, self.cfg.telemetry_prefix_bytes, self.node)
+        # the engine holds its open fragment and up to three closed ones not pulled yet
+        # (`report(drain=True)`), a quarter of the budget each; older ones are dropped
+        # (counted); the history is the collector's (`PrefixHistory`, API server)
+        self.sketch = fragmented(self.cfg, self.cfg.telemetry_prefix_bytes, self.node, parts=4)
         self.top = tracker(self.cfg.telemetry_topk_bytes, self.cfg.telemetry_window,
                            self.cfg.telemetry_learned)
         self.depth: dict[int, int] = {}  # top-k item key -> its prefix length in blocks
@@ -111,10 +117,11 @@ class PrefixTelemetry:
             else self.top.query(key) >= min_count
 
     def report(self, top_k: int = 10, range_s: float = 60.0, full: bool = False,
-               now: float | None = None) -> dict:
-        """What ``ext_telemetry`` returns: the top prefixes over the last W requests, their
-        counts over the last `range_s` seconds from the fragments, sizes, and (`full`) the
-        fragments themselves for a cross-replica merge."""
+               drain: bool = False, now: float | None = None) -> dict:
+        """What ``ext_telemetry_report`` returns: the top prefixes over the last W requests,
+        their counts over the last `range_s` seconds from the fragments held here, sizes,
+        (`full`) the fragments themselves for a cross-replica merge, and (`drain`) the closed
+        fragments handed over to the collector - they leave the engine - and the open one."""
         now = time.time() if now is None else now
         self.sketch.tick(now)
         top = self.top.top(top_k)
@@ -133,7 +140,53 @@ class PrefixTelemetry:
                           "dropped": self.sketch.dropped, "items": self.sketch.items}}
         if full:
             out["fragments"] = self.sketch.to_dict()
+        if drain:
+            out["drained"] = [f.to_dict() for f in self.sketch.fragments]
+            self.sketch.fragments = []
+            active = self.sketch.active
+            out["open"] = None if active is None else active.to_dict()
         return out
+
+
+@dataclass
+class PrefixHistory:
+    """The collector's side of DiSketch (API server): fragments drained from the engine, kept
+    within ``telemetry_history_bytes`` (oldest dropped), plus the engine's open fragment of the
+    latest pull, answer the range counts."""
+    cfg: object
+
+    def __post_init__(self) -> None:
+        self.fragments: list[Fragment] = []
+        self.dropped = 0
+
+    @property
+    def memory_bytes(self) -> int:
+        return sum(f.sketch.memory_bytes for f in self.fragments)
+
+    def absorb(self, report: dict, range_s: float, full: bool) -> dict:
+        """`report` (drained) with its range counts recomputed over history + open fragment."""
+        self.fragments += [Fragment.from_dict(f) for f in report.pop("drained", [])]
+        while self.fragments and self.memory_bytes > self.cfg.telemetry_history_bytes:
+            self.fragments.pop(0)
+            self.dropped += 1
+        view = FragmentedSketch(self.cfg.telemetry_sketch, self.cfg.telemetry_depth,
+                                budget_bytes=1 << 62, node=report["node"])
+        view.fragments = self.fragments + ([Fragment.from_dict(report["open"])]
+                                           if report.get("open") else [])
+        report.pop("open", None)
+        now = report["time"]
+        est = view.estimate([int(r["prefix"], 16) for r in report["top"]], now - range_s,
+                            math.inf, now=now)
+        for row, value in zip(report["top"], est.values):
+            row["range_count"] = float(value)
+        report.update(range_bound=est.bound, range_failure_probability=est.failure_probability,
+                      range_covered=[est.start, est.end],
+                      history={"memory_bytes": self.memory_bytes,
+                               "budget_bytes": self.cfg.telemetry_history_bytes,
+                               "fragments": len(self.fragments), "dropped": self.dropped})
+        if full:
+            report["fragments"] = view.to_dict()
+        return report
 
 
 @dataclass

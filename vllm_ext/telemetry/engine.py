@@ -21,8 +21,30 @@ Bloom guard), so a new prefix turns hot up to two arrivals later than N says.
 """
 from __future__ import annotations
 
+import functools
+import logging
+
 from vllm_ext.telemetry.collect import PrefixTelemetry
 from vllm_ext.telemetry.hashing import key_of
+
+logger = logging.getLogger(__name__)
+
+
+def _guarded(method):
+    """Telemetry must never take the engine down (an exception in a scheduler hook or a
+    utility call kills EngineCore): the first error is logged with its traceback, the
+    telemetry switches itself off for the engine's lifetime and reports why."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if self.failed is not None:
+            return {"error": self.failed} if method.__name__ == "report" else None
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as exc:
+            logger.exception("vllm-ext telemetry failed in %s; off from now on", method.__name__)
+            self.failed = f"{method.__name__}: {exc!r}"
+            return {"error": self.failed} if method.__name__ == "report" else None
+    return wrapper
 
 
 class SchedulerTelemetry:
@@ -36,12 +58,14 @@ class SchedulerTelemetry:
         self.steps = 0
         self.next_due = None  # step at which the oldest cold request becomes overdue
         self.arrived = False
+        self.failed: str | None = None  # why the telemetry switched itself off
         self.reorders = 0  # partitions that moved a hot request ahead
 
     @classmethod
     def build(cls, cfg) -> "SchedulerTelemetry | None":
         return cls(cfg) if cfg.telemetry else None
 
+    @_guarded
     def on_request(self, request, scheduler=None) -> None:
         hashes = request.block_hashes
         if self.hot_min:
@@ -54,6 +78,7 @@ class SchedulerTelemetry:
                 self.arrived = True
         self.prefixes.on_request(hashes, request.num_prompt_tokens)
 
+    @_guarded
     def before_schedule(self, waiting) -> None:
         """Stable partition of the FCFS waiting deque: overdue, hot, rest (after an arrival or
         at a deadline only)."""
@@ -80,12 +105,15 @@ class SchedulerTelemetry:
             waiting.extend(ordered)
             self.reorders += 1
 
+    @_guarded
     def forget(self, request_id: str) -> None:
         self.hot.discard(request_id)
         self.arrival_step.pop(request_id, None)
 
-    def report(self, top_k: int = 10, range_s: float = 60.0, full: bool = False) -> dict:
-        out = self.prefixes.report(top_k, range_s, full)
+    @_guarded
+    def report(self, top_k: int = 10, range_s: float = 60.0, full: bool = False,
+               drain: bool = False) -> dict:
+        out = self.prefixes.report(top_k, range_s, full, drain)
         out["hot_prefix"] = {"min_count": self.hot_min, "hot_waiting": len(self.hot),
                              "reorders": self.reorders}
         return out

@@ -125,13 +125,19 @@ def families(snap: dict):
         filtered.add_metric([name], t.get("filtered", 0))
 
     pre = snap.get("prefixes")
-    if pre:
+    if pre and "error" not in pre:
         s = pre["sketch"]
         memory.add_metric(["prefix_sketch"], s["memory_bytes"])
         budget.add_metric(["prefix_sketch"], s["budget_bytes"])
         frags.add_metric(["prefix_sketch"], s["fragments"])
         dropped.add_metric(["prefix_sketch"], s["dropped"])
-        items.add_metric(["prefix_sketch"], s["items"])
+        items.add_metric(["prefix_sketch"], pre["blocks"])  # monotonic: blocks ever fed
+        hist = pre.get("history")
+        if hist:
+            memory.add_metric(["prefix_history"], hist["memory_bytes"])
+            budget.add_metric(["prefix_history"], hist["budget_bytes"])
+            frags.add_metric(["prefix_history"], hist["fragments"])
+            dropped.add_metric(["prefix_history"], hist["dropped"])
         bound.add_metric(["prefix_sketch"], pre["range_bound"])
         items.add_metric(["prefix_topk"], pre["requests"])
         tracker("prefix_topk", pre["tracker"])
@@ -179,7 +185,7 @@ def merge_payloads(payloads: list[dict]) -> dict:
     out = {"servers": sum(p.get("servers", 1) for p in payloads),
            "time": max(p.get("time", 0.0) for p in payloads),
            "nodes": sorted({n for p in payloads for n in p.get("nodes", [p.get("node", "?")])})}
-    pres = [p["prefixes"] for p in payloads if p.get("prefixes")]
+    pres = [p["prefixes"] for p in payloads if p.get("prefixes") and "top" in p["prefixes"]]
     if pres:
         merged = {"top": _sum_rows([q["top"] for q in pres], "prefix",
                                    ("window_count", "range_count")),

@@ -4,7 +4,11 @@
 It holds what lives in the API server process - per-expert load fragments fed from the
 workers' MoE counters (`collect.ExpertTelemetry`) and the tenant top-k (`collect.
 TenantTelemetry`, fed by `tenants.TenantMiddleware`) - and asks the scheduler for the prefix
-telemetry (``ext_telemetry_report`` through `vllm_ext.engine_rpc`). One `Hub` per process,
+telemetry (``ext_telemetry_report`` through `vllm_ext.engine_rpc`), taking over the
+fragments the engine has closed since the last pull (DiSketch's collector: the engine holds
+only its open fragment and the ones not pulled yet, `collect.PrefixHistory` the history).
+With several API servers each would take a share of the fragments: one of them should be
+the one queried (or merge them all with ``vllm-ext telemetry merge``). One `Hub` per process,
 built on first use from the engine's ExtConfig; None while ``--ext-telemetry`` is off.
 """
 from __future__ import annotations
@@ -14,7 +18,8 @@ import logging
 import time
 
 from vllm_ext.config import ExtConfig
-from vllm_ext.telemetry.collect import ExpertTelemetry, TenantTelemetry, node_name
+from vllm_ext.telemetry.collect import (ExpertTelemetry, PrefixHistory, TenantTelemetry,
+                                        node_name)
 from vllm_ext.telemetry.export import Query
 
 logger = logging.getLogger(__name__)
@@ -28,6 +33,7 @@ class Hub:
         self.node = node_name()
         self.experts = ExpertTelemetry(cfg, self.node)
         self.tenants = TenantTelemetry(cfg)
+        self.prefix_history = PrefixHistory(cfg)
         self.lock = asyncio.Lock()
 
     async def poll_experts(self, engine) -> None:
@@ -54,7 +60,9 @@ class Hub:
                 logger.warning("vllm-ext telemetry: expert load not polled: %s", exc)
             prefixes = await asyncio.wait_for(
                 scheduler_call(engine, "ext_telemetry_report", query.top_k, query.range_s,
-                               query.fragments), RPC_TIMEOUT_S)
+                               False, True), RPC_TIMEOUT_S)  # drain closed fragments
+            if prefixes and "error" not in prefixes:
+                prefixes = self.prefix_history.absorb(prefixes, query.range_s, query.fragments)
             now = time.time()
             sketch = self.experts.sketch
             experts = {"windows": self.experts.windows(list(query.windows), now),
@@ -67,6 +75,7 @@ class Hub:
                     "experts": experts, "tenants": self.tenants.report(query.top_k),
                     "memory_bytes": {
                         "prefix_sketch": (prefixes or {}).get("sketch", {}).get("memory_bytes", 0),
+                        "prefix_history": self.prefix_history.memory_bytes,
                         "prefix_topk": (prefixes or {}).get("tracker", {}).get("memory_bytes", 0),
                         "expert_sketch": sketch.memory_bytes,
                         "tenant_topk": self.tenants.top.memory_bytes}}

@@ -19,7 +19,8 @@ and each label is one SGD step. The horizon is ``min(window, label_horizon)``: a
 takes a whole horizon to arrive and holds a buffer slot meanwhile, so with a 32768-arrival
 window the predictor got too few labels to leave its warm-up (measured, docs/telemetry.md);
 predicting "no recurrence within 4096" filters some items that do recur later in the window,
-which the Bloom guard then counts from their second arrival (the same two-undercount bound). Every byte of predictor, buffer and Bloom filters is counted in
+which the Bloom guard then counts from their second arrival (the same two-undercount bound).
+Every byte of predictor, buffer and Bloom filters is counted in
 `memory_bytes`, next to the WCSS entries.
 """
 from __future__ import annotations
