@@ -1,8 +1,10 @@
 """Evaluate the embedded reasoner through vLLM: accuracy per task kind and difficulty (greedy),
 output lengths, tool-call rate, disagreement of sampled answers on hard prompts, and the
-per-expert load of plain top-2 routing (through HF transformers on the same tokens).
+per-expert load of plain top-k routing (through HF transformers on the same tokens).
 
     .venv/bin/python scripts/eval_reasoner.py --per-cell 20 --out docs/testbed
+    .venv/bin/python scripts/eval_reasoner.py --model tiny-moe-finegrained --per-cell 20 \
+        --out docs/testbed/finegrained
 """
 from __future__ import annotations
 
@@ -16,13 +18,14 @@ import numpy as np
 
 
 def expert_load(model_path: str, texts: list[str]) -> np.ndarray:
-    """[layers, experts] share of top-k selections with plain top-2 routing."""
+    """[layers, experts] share of top-k selections with plain top-k routing."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16).eval()
-    k, e = model.config.num_experts_per_tok, model.config.num_local_experts
+    k = model.config.num_experts_per_tok
+    e = getattr(model.config, "num_local_experts", None) or model.config.num_experts
     counts = np.zeros((model.config.num_hidden_layers, e))
     with torch.no_grad():
         for text in texts:
@@ -36,7 +39,9 @@ def expert_load(model_path: str, texts: list[str]) -> np.ndarray:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--model", help="default: the embedded model")
+    p.add_argument("--model", help="embedded model name (tiny-moe-reasoner, tiny-moe-finegrained) "
+                   "or path; default: the embedded model")
+    p.add_argument("--eager", action="store_true", help="enforce_eager (skip torch.compile)")
     p.add_argument("--per-cell", type=int, default=20, help="tasks per kind x difficulty")
     p.add_argument("--samples", type=int, default=5, help="sampled answers per hard prompt")
     p.add_argument("--temperature", type=float, default=0.8)
@@ -47,14 +52,14 @@ def main() -> None:
     from vllm import LLM
 
     from vllm_ext.testbed.harness import solve
-    from vllm_ext.testbed.model import default_model_path
+    from vllm_ext.testbed.model import resolve_model
     from vllm_ext.testbed.tasks import DIFFICULTIES, KINDS, generate_tasks, parse_answer
 
-    model = args.model or default_model_path()
+    model = resolve_model(args.model)
     tasks = [t for kind in KINDS for d in DIFFICULTIES
              for t in generate_tasks(args.per_cell, args.seed + 31 * d + len(kind),
                                      kinds=[kind], difficulties=[d])]
-    llm = LLM(model=model, dtype="bfloat16", seed=0)
+    llm = LLM(model=model, dtype="bfloat16", seed=0, enforce_eager=args.eager)
     greedy = solve(llm, tasks)
     rows, out = [], Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -97,7 +102,7 @@ def main() -> None:
     from vllm_ext.testbed.tasks import prompt_text
     load = expert_load(model, [prompt_text(a.task) + a.completion for a in greedy[::3]])
     ratio = load.max(axis=1) / load.mean(axis=1)
-    print("top-2 expert load, max/mean per layer: " + ", ".join(f"{r:.2f}" for r in ratio))
+    print("top-k expert load, max/mean per layer: " + ", ".join(f"{r:.2f}" for r in ratio))
     result = {"model": model, "per_cell": args.per_cell, "rows": rows, "acc_by_difficulty": by_d,
               "mean_tokens_by_difficulty": lens_by_d, "corr_difficulty_tokens": corr,
               "all_tokens_min_max": [min(a.output_tokens for a in greedy),
@@ -125,7 +130,7 @@ def plot(path, rows, greedy, load) -> None:
     ax[1].set(xlabel="output tokens", ylabel="tasks", title="output length")
     ax[1].legend()
     im = ax[2].imshow(load, aspect="auto", cmap="viridis")
-    ax[2].set(xlabel="expert", ylabel="layer", title="top-2 load share")
+    ax[2].set(xlabel="expert", ylabel="layer", title="top-k load share")
     fig.colorbar(im, ax=ax[2])
     fig.tight_layout()
     fig.savefig(path, dpi=110)

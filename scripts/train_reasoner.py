@@ -12,10 +12,12 @@ from collapsing while leaving expert load uneven.
 The schedule (warmup + cosine) runs on ``progress = max(step / --steps, elapsed / --minutes)``,
 so a time-budgeted run still anneals properly when the CPU is shared. A checkpoint is written
 to ``--out`` every few minutes (``--resume`` continues from it). At the end the model is saved
-in bf16 safetensors with the tokenizer into ``vllm_ext/assets/tiny-moe-reasoner``.
+in bf16 safetensors with the tokenizer into ``vllm_ext/assets/tiny-moe-reasoner`` (or
+``tiny-moe-finegrained`` for ``--arch qwen2_moe``).
 
     python scripts/train_reasoner.py --minutes 40
     python scripts/train_reasoner.py --minutes 60 --resume   # continue, larger budget
+    python scripts/train_reasoner.py --arch qwen2_moe --minutes 48 --threads 1   # tiny-moe-finegrained
 """
 from __future__ import annotations
 
