@@ -203,25 +203,33 @@ def table(results: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
-def plot(results: dict[str, dict], path: Path, ep_devices: int) -> None:
+def plot(results: dict[str, dict], path: Path, ep_devices: int, chosen: str | None = None,
+         title: str = "") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    many = len(results) > 6  # a legend instead of labels next to the points
+    fig, axes = plt.subplots(1, 2, figsize=(12 if many else 10, 4.5), sharey=True)
     panels = [("step_max_over_mean", "per-step expert imbalance (max/mean)"),
               ("device_step_max_over_mean", f"per-step EP imbalance, {ep_devices} devices")]
+    markers = "os^vD<>ph*Xd"
     for ax, (key, label) in zip(axes, panels):
         for i, (name, r) in enumerate(results.items()):
             x = r["load"]["summary"][key]
-            y = sum(r["correct"]) / len(r["correct"])
-            ax.scatter([x], [y], s=40)
-            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4 + 11 * (i % 8)),
-                        fontsize=8)
+            y = acc(r["correct"])
+            tag = name + (" (chosen on val.)" if name == chosen else "")
+            ax.scatter([x], [y], s=90 if name == chosen else 40, marker=markers[i % len(markers)],
+                       label=tag, edgecolors="k" if name == chosen else "none")
+            if not many:
+                ax.annotate(tag, (x, y), textcoords="offset points", xytext=(4, 4 + 11 * i),
+                            fontsize=8)
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("task accuracy")
-    fig.suptitle("LASER on the testbed: accuracy vs expert-load imbalance")
+    axes[0].set_ylabel("task accuracy (held-out)")
+    if many:
+        axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.suptitle(title or "LASER on the testbed: accuracy vs expert-load imbalance")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -434,7 +442,8 @@ def main(argv=None) -> None:
     out = Path(args.out)
     if args.replot:
         saved = json.loads(out.with_suffix(".json").read_text())
-        plot(saved["results"], out.with_suffix(".png"), saved["meta"]["args"]["ep_devices"])
+        plot(saved["results"], out.with_suffix(".png"), saved["meta"]["args"]["ep_devices"],
+             saved["meta"].get("chosen"), f"LASER on {Path(saved['meta']['model']).name}")
         return
     if args.routing_bench:
         import torch
@@ -493,7 +502,7 @@ def main(argv=None) -> None:
             "chosen": chosen, "expert_cost_ms": cost, "ep_estimate_ms": est, "gate_stats": gates}
     compact = {n: {k: v for k, v in r.items() if k != "texts"} for n, r in results.items()}
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": compact}, indent=1))
-    plot(results, out.with_suffix(".png"), args.ep_devices)
+    plot(results, out.with_suffix(".png"), args.ep_devices, chosen, f"LASER on {Path(model).name}")
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
 
 
