@@ -87,17 +87,18 @@ def main() -> None:
 
     hard = [t for t in tasks if t.difficulty == max(DIFFICULTIES)]
     runs = [solve(llm, hard, temperature=args.temperature, seed=1000 * s)
-            for s in range(args.samples)]
+            for s in range(args.samples)]  # --samples 0 skips this part
     disagree, vote_ok = 0, 0
-    for i, task in enumerate(hard):
+    for i, task in enumerate(hard if runs else []):
         answers = [parse_answer(r[i].completion) for r in runs]
         disagree += len(set(answers)) > 1
         top = Counter(a for a in answers if a is not None).most_common(1)
         vote_ok += bool(top) and runs[0][i].task.answer.strip() == top[0][0]
-    share, vote_acc = disagree / len(hard), vote_ok / len(hard)
-    print(f"sampled (T={args.temperature}, {args.samples} samples) on {len(hard)} hard prompts: "
-          f"answers disagree on {share:.0%}; majority-vote accuracy {vote_acc:.0%} "
-          f"(greedy {by_d[max(DIFFICULTIES)]:.0%})")
+    share, vote_acc = (disagree / len(hard), vote_ok / len(hard)) if runs else (None, None)
+    if runs:
+        print(f"sampled (T={args.temperature}, {args.samples} samples) on {len(hard)} hard prompts: "
+              f"answers disagree on {share:.0%}; majority-vote accuracy {vote_acc:.0%} "
+              f"(greedy {by_d[max(DIFFICULTIES)]:.0%})")
 
     from vllm_ext.testbed.tasks import prompt_text
     load = expert_load(model, [prompt_text(a.task) + a.completion for a in greedy[::3]])
