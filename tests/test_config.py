@@ -67,3 +67,15 @@ def test_cli_help_lists_ext_flags():
     assert proc.returncode == 0
     for flag in ("--ext-policy", "--ext-probe", "--ext-moe-router", "--ext-kv-bits"):
         assert flag in proc.stdout
+
+
+def test_serve_takes_an_embedded_model_by_name():
+    from vllm_ext.cli import build_vllm_argv
+    from vllm_ext.testbed.model import MODEL_NAMES
+
+    argv = build_vllm_argv(["tiny-moe-finegrained", "--port", "1"], ExtConfig())
+    assert argv[0] == str(MODEL_NAMES["tiny-moe-finegrained"])
+    assert argv[argv.index("--served-model-name") + 1] == "tiny-moe-finegrained"
+    named = build_vllm_argv(["tiny-moe-finegrained", "--served-model-name", "x"], ExtConfig())
+    assert named.count("--served-model-name") == 1
+    assert build_vllm_argv(["some/hub-model"], ExtConfig())[0] == "some/hub-model"

@@ -250,7 +250,7 @@ def build_vllm_argv(rest: list[str], ext: ExtConfig) -> list[str]:
     """The `vllm serve` argv: user flags + plugin classes + CPU-friendly defaults."""
     from vllm.platforms import current_platform
 
-    from vllm_ext.testbed.model import default_model_path
+    from vllm_ext.testbed.model import MODEL_NAMES, default_model_path, resolve_model
 
     argv = list(rest)
     if not argv or argv[0].startswith("-"):
@@ -258,6 +258,10 @@ def build_vllm_argv(rest: list[str], ext: ExtConfig) -> list[str]:
             argv = [default_model_path()] + argv
             if not _has_flag(argv, "--served-model-name"):
                 argv += ["--served-model-name", DEFAULT_SERVED_NAME]
+    elif argv[0] in MODEL_NAMES and not os.path.exists(argv[0]):  # an embedded model by name
+        name, argv[0] = argv[0], resolve_model(argv[0])
+        if not _has_flag(argv, "--served-model-name"):
+            argv += ["--served-model-name", name]
     defaults = {"--host": "127.0.0.1"}
     if current_platform.is_cpu():
         defaults["--dtype"] = "bfloat16"
