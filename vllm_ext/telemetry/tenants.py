@@ -32,23 +32,12 @@ class TenantMiddleware:
         if tenant is not None:
             hub.tenants.on_request(tenant.decode("latin-1"))
             return await self.app(scope, receive, send)
-        chunks, more = [], True
-        while more:
-            message = await receive()
-            chunks.append(message.get("body", b""))
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
+        from vllm_ext.server.middleware import _read_body, _replay
+
+        body = await _read_body(receive)
         try:
             user = json.loads(body).get("user") if body else None
         except (ValueError, AttributeError):
             user = None
         hub.tenants.on_request(user if isinstance(user, str) and user else "-")
-        sent = False
-
-        async def replay():
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-        return await self.app(scope, replay, send)
+        return await self.app(scope, _replay(body, receive), send)
