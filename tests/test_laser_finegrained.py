@@ -173,6 +173,7 @@ def fg_laser(fg_model):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # ~3.5 min for the three: run by .ci/run after the default suite
 def test_fg_topk_is_bit_identical_to_stock_vllm(fg_model, fg_stock):
     ours = _job(_ext(fg_model, {"moe_router": "topk"}))
     assert len(fg_stock["token_ids"]) == len(PROMPTS)
@@ -181,6 +182,7 @@ def test_fg_topk_is_bit_identical_to_stock_vllm(fg_model, fg_stock):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # ~3.5 min for the three: run by .ci/run after the default suite
 def test_fg_tracked_topk_keeps_tokens_and_counts_32_experts(fg_stock, fg_tracked):
     assert fg_tracked["token_ids"] == fg_stock["token_ids"]
     report = fg_tracked["rpc"]["ext_expert_load"]
@@ -191,6 +193,7 @@ def test_fg_tracked_topk_keeps_tokens_and_counts_32_experts(fg_stock, fg_tracked
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # ~3.5 min for the three: run by .ci/run after the default suite
 def test_fg_laser_eager_balances_and_compiled_matches(fg_model, fg_laser, fg_tracked):
     report = fg_laser["rpc"]["ext_expert_load"]
     assert len(report["layers"]) == 4 and report["summary"]["moved_fraction"] > 0
