@@ -230,3 +230,53 @@ def test_accuracy_counts_failed_requests_as_wrong():
             RequestRecord(2, 0.2, error="HTTP 500", meta={"answer": "1"})]
     assert summarize(recs, 2.0)["accuracy"] == pytest.approx(1 / 3)
     assert "accuracy" not in summarize([RequestRecord(0, 0.0, e2el_s=1.0, ttft_s=0.5)], 1.0)
+
+
+def test_side_by_side_runs_each_config_on_its_own_server_in_paired_rounds(tmp_path, monkeypatch):
+    """--side-by-side: one server per config (its own flags), every round's block of a config
+    goes to that config's server after a prefix-cache reset, the others' CPU is recorded."""
+    import contextlib
+    from argparse import Namespace
+
+    from vllm_ext.bench import cli, live, same_server, servers
+    from vllm_ext.bench.workload import testbed_requests
+
+    started, resets, sent = [], [], []
+
+    @contextlib.contextmanager
+    def fake_server(kind, model, extra, log_path, env=None, **kw):
+        server = servers.Server(f"http://fake/{len(started)}", 1000 + len(started))
+        started.append((kind, extra.strip(), env, server.url))
+        yield server
+
+    def fake_measure(url, model, args, reqs):
+        sent.append((url, [r.prompt for r in reqs]))
+        return [], {"mean_e2el_ms": 100.0 if url.endswith("/0") else 50.0, "p99_e2el_ms": 1.0,
+                    "failed": 0, "total_output_tokens": 10}
+
+    monkeypatch.setattr(servers, "running_server", fake_server)
+    monkeypatch.setattr(servers, "cpu_seconds", lambda pid: dict.fromkeys(servers.CPU_ROLES, 1.0))
+    monkeypatch.setattr(cli, "measure_requests", fake_measure)
+    monkeypatch.setattr(live, "scrape", lambda url: dict.fromkeys(live.COUNTERS.values(), 0.0))
+    monkeypatch.setattr(live, "reset_prefix_cache", resets.append)
+    monkeypatch.setattr(same_server.report, "plot_length_latency", lambda *a: None)
+    args = Namespace(blocks=3, block_requests=4, seed=0, rates=[2.0], idle_gap=0.0,
+                     server_args="--max-num-seqs 2", out=str(tmp_path), trace=None,
+                     arrival="poisson", cv=1.0, max_tokens=64, tools=False, task_kinds=None,
+                     n=1, temperature=0.0, baseline="a")
+    configs = [("a", "stock", ""), ("b", "ext", "--ext-kv-bits 4")]
+    rows = []
+    monkeypatch.setattr(same_server, "write_report", lambda a, r, o: rows.extend(r))
+    same_server.run(args, configs, "m", lambda rate: testbed_requests(20, rate, 0),
+                    side_by_side=True)
+    assert [(k, e) for k, e, _, _ in started] == [("stock", "--max-num-seqs 2"),
+                                                   ("ext", "--max-num-seqs 2 --ext-kv-bits 4")]
+    assert all(env == {"VLLM_SERVER_DEV_MODE": "1"} for _, _, env, _ in started)
+    assert [u for u, _ in sent] == resets and len(sent) == 6  # a reset before every block
+    by_round = {}
+    for row, (url, prompts) in zip(rows, sent):
+        assert url.endswith("/0") == (row["config"] == "a")  # each config on its own server
+        by_round.setdefault(row["round"], []).append(prompts)
+        assert row["idle_cpu_s"] == 0.0
+    assert all(p[0] == p[1] for p in by_round.values())  # same arrivals for both in a round
+    assert by_round[0][0] != by_round[1][0]                 # fresh ones per round

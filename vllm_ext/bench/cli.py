@@ -5,7 +5,8 @@ compare: starts a server per configuration (ours with --ext-* flags, or stock vL
          the identical seeded arrivals against each, back to back, at each rate; prints every
          metric with its ratio to the baseline configuration, writes a sweep plot.
          With --same-server: one server, configs switched live in paired blocks with
-         bootstrap CIs (`vllm_ext.bench.same_server`).
+         bootstrap CIs (`vllm_ext.bench.same_server`); with --side-by-side the same paired
+         blocks against one server per config, all kept up (settings that can't switch live).
 
 Example (the README's policy figure):
   vllm-ext bench compare --config stock=stock: --config fcfs=ext:--ext-policy\\ fcfs \\
@@ -123,14 +124,17 @@ def cmd_compare(args) -> None:
         sys.exit(f"vllm-ext bench compare: --baseline {args.baseline!r} is not a --config name")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.same_server:
+    if args.same_server and args.side_by_side:
+        sys.exit("vllm-ext bench compare: --same-server and --side-by-side exclude each other")
+    if args.same_server or args.side_by_side:
         from vllm_ext.bench import same_server
-        if any(kind != "ext" for _, kind, _ in configs):
+        if args.same_server and any(kind != "ext" for _, kind, _ in configs):
             sys.exit("vllm-ext bench compare --same-server: every --config must be NAME=ext:FLAGS "
-                     "(a stock server cannot switch live)")
+                     "(a stock server cannot switch live; --side-by-side runs one per config)")
         cache: dict[float, list] = {}
         return same_server.run(args, configs, model,
-                               lambda rate: cache.setdefault(rate, _requests(args, rate)))
+                               lambda rate: cache.setdefault(rate, _requests(args, rate)),
+                               side_by_side=args.side_by_side)
     from vllm_ext.bench import live
     rows, runs = [], {}
     for rep in range(args.repeats):  # configs interleaved per repeat: A B A B ...
@@ -199,12 +203,16 @@ def main(argv: list[str]) -> None:
     c.add_argument("--same-server", action="store_true",
                    help="one server; configs switched live in paired, interleaved blocks "
                         "with bootstrap CIs (only live --ext-* settings may differ)")
+    c.add_argument("--side-by-side", action="store_true",
+                   help="one server per config, all kept up; the same paired, interleaved "
+                        "blocks as --same-server, for settings that cannot switch live "
+                        "(KV bits, MoE router, telemetry, model, stock vLLM)")
     c.add_argument("--blocks", type=int, default=8,
-                   help="--same-server: rounds (each config runs one block per round)")
+                   help="--same-server / --side-by-side: rounds (each config runs one block per round)")
     c.add_argument("--block-requests", type=int, default=40,
-                   help="--same-server: requests per block (fresh arrivals each round)")
+                   help="--same-server / --side-by-side: requests per block (fresh arrivals each round)")
     c.add_argument("--idle-gap", type=float, default=2.0,
-                   help="--same-server: seconds of idle between blocks (after the drain)")
+                   help="--same-server / --side-by-side: seconds of idle between blocks (after the drain)")
     _workload_args(c)
     r = sub.add_parser("report", help="paired CI table of a finished compare run")
     r.add_argument("run", help="a compare --out folder or its compare.json")

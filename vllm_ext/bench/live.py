@@ -32,6 +32,15 @@ def set_config(base_url: str, token: str, config: dict, drain: bool = True,
     return resp.json()
 
 
+def reset_prefix_cache(base_url: str, timeout_s: float = 60) -> None:
+    """vLLM's own ``POST /reset_prefix_cache`` (served with ``VLLM_SERVER_DEV_MODE=1``), so no
+    block reuses the KV of an earlier one."""
+    resp = httpx.post(base_url + "/reset_prefix_cache", timeout=timeout_s)
+    if resp.status_code != 200:
+        raise RuntimeError(f"reset_prefix_cache failed: HTTP {resp.status_code}: "
+                           f"{resp.text[:500]} (is VLLM_SERVER_DEV_MODE=1 set for the server?)")
+
+
 def scrape(base_url: str) -> dict[str, float]:
     return parse_counters(httpx.get(base_url + "/metrics", timeout=30).text)
 

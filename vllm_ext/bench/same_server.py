@@ -11,11 +11,15 @@ by cause, probe runs) are read from ``/metrics`` around every block. The report 
 Only `LIVE_FIELDS` may differ between configurations, and the per-request settings of
 multi-branch requests (``--ext-branches`` and the ``--ext-branch-*`` overrides: they go into
 each request's ``vllm_xargs``, sent with ``--n`` / ``--temperature``); anything else (KV bits,
-MoE router, model) needs the one-server-per-config mode.
+MoE router, model) needs one server per config: ``--side-by-side`` starts one per config, all
+kept up for the whole run, and runs the same paired rounds against them in turn (the idle
+servers' CPU during a block is recorded as ``idle_cpu_s``); before each block the server's
+prefix cache is reset (vLLM's dev route, so these servers run with ``VLLM_SERVER_DEV_MODE=1``).
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import shlex
@@ -81,32 +85,50 @@ def block_requests(args, all_requests, rate: float, rnd: int):
     return [replace(r, arrival_s=r.arrival_s - t0) for r in chunk]
 
 
-def run(args, configs, model: str, requests_at) -> None:
-    from vllm_ext.bench.cli import cpu_per_token_ms, measure_requests
+def run(args, configs, model: str, requests_at, side_by_side: bool = False) -> None:
+    from vllm_ext.bench.cli import cpu_per_token_ms, measure_requests, with_sampling
     from vllm_ext.bench.servers import running_server
 
-    from vllm_ext.bench.cli import with_sampling
-
-    settings, xargs = {}, {}
-    for name, kind, extra in configs:
-        settings[name], xargs[name] = live_settings(name, extra)
-    token = secrets.token_hex(16)
     out = Path(args.out)
     rows, runs = [], {}
-    orders = paired.block_order(list(settings), args.blocks, args.seed)
-    with running_server("ext", model, f"{args.server_args} --ext-admin-token {token}",
-                        out / "server.log") as server:
+    names = [name for name, _, _ in configs]
+    orders = paired.block_order(names, args.blocks, args.seed)
+    with contextlib.ExitStack() as stack:
+        if side_by_side:  # one server per config, each with its own flags
+            servers = {name: stack.enter_context(running_server(
+                kind, model, f"{args.server_args} {extra}", out / f"{name}.server.log",
+                env={"VLLM_SERVER_DEV_MODE": "1"})) for name, kind, extra in configs}
+            xargs = dict.fromkeys(names, {})
+
+            def prepare(name: str) -> None:
+                live.reset_prefix_cache(servers[name].url)
+        else:
+            settings, xargs = {}, {}
+            for name, _, extra in configs:
+                settings[name], xargs[name] = live_settings(name, extra)
+            token = secrets.token_hex(16)
+            server = stack.enter_context(running_server(
+                "ext", model, f"{args.server_args} --ext-admin-token {token}",
+                out / "server.log"))
+            servers = dict.fromkeys(names, server)
+
+            def prepare(name: str) -> None:
+                live.set_config(server.url, token, settings[name])
         for rnd, order in enumerate(orders):
             for rate in args.rates:
                 reqs = block_requests(args, requests_at(rate), rate, rnd)
                 for name in order:
-                    live.set_config(server.url, token, settings[name])
+                    server = servers[name]
+                    prepare(name)
                     asyncio.run(asyncio.sleep(args.idle_gap))
                     before, cpu_before = live.scrape(server.url), server.cpu_seconds()
+                    idle_before = idle_cpu(servers, server)
                     records, summary = measure_requests(server.url, "bench", args,
                                                         with_sampling(args, reqs, xargs[name]))
                     summary.update(cpu_per_token_ms(cpu_before, server.cpu_seconds(), summary))
                     summary.update(live.counter_deltas(before, live.scrape(server.url)))
+                    if side_by_side:
+                        summary["idle_cpu_s"] = idle_cpu(servers, server) - idle_before
                     rows.append({"config": name, "rate": rate, "round": rnd, **summary})
                     report.write_records(out / f"{name}@{rate}.b{rnd}.jsonl", records)
                     runs.setdefault(f"{name}@{rate:g}", []).extend(records)
@@ -116,6 +138,12 @@ def run(args, configs, model: str, requests_at) -> None:
                           f"{summary['preemptions_kv_pressure']:.0f}", flush=True)
     write_report(args, rows, out)
     report.plot_length_latency(out / "by-length.png", runs)
+
+
+def idle_cpu(servers: dict, active) -> float:
+    """CPU seconds used so far by every server but `active` (side by side: the idle ones)."""
+    others = {s.pid: s for s in servers.values() if s.pid != active.pid}
+    return sum(sum(s.cpu_seconds().values()) for s in others.values())
 
 
 def write_report(args, rows: list[dict], out: Path, unit: str = "round") -> str:

@@ -69,9 +69,10 @@ def server_argv(kind: str, model: str, port: int, extra: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def running_server(kind: str, model: str, extra: str, log_path: Path, timeout_s: float = 600):
+def running_server(kind: str, model: str, extra: str, log_path: Path, timeout_s: float = 600,
+                   env: dict | None = None):
     port = free_port()
-    env = {**os.environ}
+    env = {**os.environ, **(env or {})}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     log = open(log_path, "w")
     proc = subprocess.Popen(server_argv(kind, model, port, extra), stdout=log,
