@@ -27,6 +27,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 from vllm_ext.bench import live, paired, report
 
 
@@ -152,6 +154,11 @@ def write_report(args, rows: list[dict], out: Path, unit: str = "round") -> str:
     table += "\n\nmeans over blocks:\n" + report.ratio_table(means, args.baseline)
     table += "\n\n" + counters_table(means)
     table += "\n\n" + report.cpu_table(means, args.baseline)
+    idle = [r["idle_cpu_s"] for r in rows if "idle_cpu_s" in r]
+    if idle:  # side by side: what the servers not under test cost while one ran
+        busy = sum(r.get("duration", 0.0) for r in rows if "idle_cpu_s" in r) / len(idle)
+        table += (f"\n\nidle servers' CPU during a block (side by side): mean {np.mean(idle):.2f} s, "
+                  f"max {max(idle):.2f} s, per block of {busy:.1f} s on average")
     print("\n" + table)
     (out / "compare.txt").write_text(" ".join(sys.argv) + "\n\n" + table + "\n")
     (out / "compare.json").write_text(json.dumps({"argv": sys.argv, "rows": rows}, indent=2))
