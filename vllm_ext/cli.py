@@ -76,8 +76,21 @@ def _add_tool_flags(g) -> None:
     d = ExtConfig
     g.add_argument("--ext-tool-handling", choices=TOOL_HANDLINGS, default=d.tool_handling,
                    help="KV of a request paused for a tool call (vllm_xargs ext_tools): keep "
-                        "it, free it (recompute on resume), or least waste per call "
-                        "(policy lamps implies min_waste)")
+                        "it, free it (recompute on resume), swap it to the disk tier "
+                        "(needs --ext-swap-dir), or least waste per call (policy lamps "
+                        "implies min_waste; swap is a choice only with the tier)")
+    g.add_argument("--ext-swap-dir", default=d.swap_dir, metavar="DIR",
+                   help="turn on the KV swap tier for paused requests: one slot file per "
+                        "worker in DIR (adds --kv-transfer-config for vllm_ext's "
+                        "SwapConnector; docs/lamps_swap.md)")
+    g.add_argument("--ext-swap-gib", type=float, default=d.swap_gib, metavar="GIB",
+                   help="swap tier: disk budget per worker")
+    g.add_argument("--ext-swap-depth", type=int, default=d.swap_depth, metavar="N",
+                   help="swap tier: disk I/Os in flight (MQSSD knee depth)")
+    g.add_argument("--ext-swap-profile", default=d.swap_profile, metavar="FILE",
+                   help="swap tier: disk profile JSON from `python -m vllm_ext.swap.disk`; "
+                        "its knee depth and throughput replace --ext-swap-depth and the "
+                        "transfer-cost prior")
     g.add_argument("--ext-tools", default="", metavar="MODULE:OBJ",
                    help="extra server-side tools: a dict name -> callable(arg) -> str")
     g.add_argument("--ext-tool-latency", default="", metavar="NAME=LAT[,...]",
@@ -132,7 +145,7 @@ def _add_laser_flags(g) -> None:
     g.add_argument("--ext-laser-pool-threshold", type=float, default=d.laser_pool_threshold,
                    help="LASER: pool = experts with score >= (1 - this) * best score")
     g.add_argument("--ext-laser-pool-max", type=int, default=d.laser_pool_max,
-                   help="LASER: pool = at most the top-c experts")
+                   help="LASER: pool = at most the top-c experts (0, the default: c = 2 x the router's top-k)")
     g.add_argument("--ext-laser-load-decay", type=float, default=d.laser_load_decay,
                    help="LASER: load window across steps, W = decay * W + tokens this step")
     g.add_argument("--ext-laser-rounds", type=int, default=d.laser_rounds,
@@ -227,6 +240,10 @@ def ext_config_from_args(ns: argparse.Namespace) -> ExtConfig:
         "tool_timeout_s": ns.ext_tool_timeout,
         "tool_max_calls": ns.ext_tool_max_calls,
         "lamps_starvation_steps": ns.ext_lamps_starvation_steps,
+        "swap_dir": os.path.abspath(ns.ext_swap_dir) if ns.ext_swap_dir else "",
+        "swap_gib": ns.ext_swap_gib,
+        "swap_depth": ns.ext_swap_depth,
+        "swap_profile": os.path.abspath(ns.ext_swap_profile) if ns.ext_swap_profile else "",
         "branches": ns.ext_branches,
         "branch_every": ns.ext_branch_every,
         "branch_tau": ns.ext_branch_tau,
@@ -275,6 +292,9 @@ def build_vllm_argv(rest: list[str], ext: ExtConfig) -> list[str]:
              "--middleware", MIDDLEWARE]
     if ext.telemetry:
         argv += ["--middleware", TENANT_MIDDLEWARE]
+    if ext.swap_dir:
+        from vllm_ext.swap.connector import kv_transfer_config
+        argv += ["--kv-transfer-config", json.dumps(kv_transfer_config())]
     return _merge_additional_config(argv, ext)
 
 
@@ -307,6 +327,7 @@ def serve(argv: list[str]) -> None:
         ext = ext_config_from_args(ns)
     except ExtConfigError as exc:
         ext_parser.error(str(exc))
+    check_swap(ext_parser, ns, rest, ext)
     try:
         from vllm_ext.tools.registry import Registry
         Registry.build(ext.tools, ext.tool_latency, ext.tool_http_base)
@@ -315,6 +336,19 @@ def serve(argv: list[str]) -> None:
     vllm_argv = build_vllm_argv(rest, ext)
     check_probes(ext_parser, vllm_argv[0], ext)
     run_vllm_server(vllm_argv)
+
+
+def check_swap(parser: argparse.ArgumentParser, ns, rest: list[str], ext: ExtConfig) -> None:
+    """The swap tier's directory must be writable, and the tier owns the KV connector."""
+    if not ext.swap_dir:
+        return
+    if _has_flag(rest, "--kv-transfer-config"):
+        parser.error("--ext-swap-dir selects the KV connector itself (vllm_ext's "
+                     "SwapConnector); drop --kv-transfer-config")
+    if not os.path.isdir(ext.swap_dir) or not os.access(ext.swap_dir, os.W_OK | os.X_OK):
+        parser.error(f"--ext-swap-dir: {ns.ext_swap_dir!r} is not a writable directory")
+    if ext.swap_profile and not os.path.isfile(ext.swap_profile):
+        parser.error(f"--ext-swap-profile: no such file {ns.ext_swap_profile!r}")
 
 
 def check_probes(parser: argparse.ArgumentParser, model: str, ext: ExtConfig) -> None:

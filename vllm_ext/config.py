@@ -19,7 +19,8 @@ LASER_BANDS = ("early", "middle", "late")  # thirds of the decoder layers
 LASER_BAND_KEYS = {"eps_high": float, "entropy_max": float, "pool_threshold": float,
                    "pool_max": int, "rounds": int}
 BRANCH_MODES = ("off", "sc", "esc", "duchess")  # n > 1 requests: vllm_ext/branches
-TOOL_HANDLINGS = ("preserve", "discard", "min_waste")  # KV of a request paused for a tool call
+# KV of a request paused for a tool call; "swap" needs the swap tier (swap_dir)
+TOOL_HANDLINGS = ("preserve", "discard", "swap", "min_waste")
 KV_BITS = (16, 8, 4, 2)
 KV_PARTITIONS = (32, 64, 128)  # HACK: tokens per K quantization partition
 # Settings that may change on a live server between steps (`vllm_ext.server.admin`): the
@@ -67,6 +68,13 @@ class ExtConfig:
     # hit), or the least waste per call (InferCept's rule); policy lamps implies min_waste
     tool_handling: str = "preserve"
     lamps_starvation_steps: int = 100  # lamps: a request waiting this many steps goes first
+    # KV swap tier for paused requests (LAMPS Swap: vllm_ext/swap, docs/lamps_swap.md): a
+    # directory turns it on (vllm-ext serve then selects vllm_ext.swap.connector:SwapConnector)
+    swap_dir: str = ""
+    swap_gib: float = 2.0          # disk budget per worker
+    swap_depth: int = 8            # I/Os in flight (the MQSSD knee measured on this machine)
+    swap_profile: str = ""         # DiskProfile JSON (python -m vllm_ext.swap.disk): its knee
+    #                                depth and MB/s replace swap_depth and the cost prior
     # Multi-branch requests (DUCHESS: vllm_ext/branches, docs/duchess.md). `branches` is the
     # mode of an n > 1 request without vllm_xargs ext_branches; "duchess" (default or any
     # request's) needs the correctness probe, which workers load when this is not "off"
@@ -92,7 +100,7 @@ class ExtConfig:
     laser_eps_high: float = 0.9        # peaked (plain top-k) when top-k mass >= this
     laser_entropy_max: float = 0.0     # ... or normalised gate entropy <= this (0 = off)
     laser_pool_threshold: float = 0.5  # pool: score >= (1 - this) * best score
-    laser_pool_max: int = 4            # pool: at most the top-c experts
+    laser_pool_max: int = 0            # pool: at most the top-c experts (0 = 2 x top-k)
     laser_load_decay: float = 0.5      # load window across steps: W = decay * W + counts
     laser_rounds: int = 8              # load updates within one forward pass
     laser_bands: dict[str, dict[str, float]] = field(default_factory=dict, hash=False)
@@ -137,6 +145,11 @@ class ExtConfig:
         _check_range("tool_timeout_s", self.tool_timeout_s, 0.001)
         _check_range("tool_max_calls", self.tool_max_calls, 0)
         _check_range("lamps_starvation_steps", self.lamps_starvation_steps, 1)
+        _check_range("swap_gib", self.swap_gib, 0.001)
+        _check_range("swap_depth", self.swap_depth, 1)
+        if self.tool_handling == "swap" and not self.swap_dir:
+            raise ExtConfigError(f"{flag_name('tool_handling')} swap needs the swap tier: "
+                                 f"start with {flag_name('swap_dir')} DIR")
         _check_branches(self)
         _check_telemetry(self)
 
@@ -279,7 +292,7 @@ def _check_laser(cfg: "ExtConfig") -> None:
         _check_between(name, getattr(cfg, name), 0.0, 1.0)
     _check_between("laser_load_decay", cfg.laser_load_decay, 0.0, 0.999)
     _check_between("laser_rounds", cfg.laser_rounds, 1, 64)
-    _check_range("laser_pool_max", cfg.laser_pool_max, 1)
+    _check_range("laser_pool_max", cfg.laser_pool_max, 0)
     _check_range("moe_ep_devices", cfg.moe_ep_devices, 1)
     object.__setattr__(cfg, "laser_bands", _normalise_bands(cfg.laser_bands))
 
@@ -304,7 +317,7 @@ def _normalise_bands(bands: Any) -> dict[str, dict[str, float]]:
 
 
 def _check_band_value(band: str, key: str, value: float) -> None:
-    low, high = {"pool_max": (1, 1 << 30), "rounds": (1, 64)}.get(key, (0.0, 1.0))
+    low, high = {"pool_max": (0, 1 << 30), "rounds": (1, 64)}.get(key, (0.0, 1.0))
     if not low <= value <= high:
         raise ExtConfigError(f"{flag_name('laser_bands')}: {band}.{key} must be in "
                              f"[{low}, {high}], got {value}")

@@ -7,8 +7,16 @@ input chunk (the tool result) arrives. That is "preserve". This module adds "dis
 tool loop's notice (``ext_tool_pause``: the tool and its predicted duration) reaches the
 scheduler, the request's blocks go back to the pool and its slot is released; when the result
 arrives the request re-prefills its whole context (blocks still in the prefix cache are reused,
-as vLLM's prefix caching does for any request). "min_waste" picks per call with
-`vllm_ext.sched.lamps.choose_handling` at the engine's measured step cost.
+as vLLM's prefix caching does for any request). "swap" (with the swap tier on:
+`vllm_ext.swap.connector`) first hands the request's full blocks to the tier, then frees them
+like a discard; on resume the tier loads what the prefix cache no longer holds. A tier that is
+off or failing turns swap into discard (logged once). "min_waste" picks per call with
+`vllm_ext.sched.lamps.choose_handling` at the engine's measured step cost and, with the tier,
+its measured transfer cost.
+
+What a resume really recomputes is measured when the request is scheduled again
+(`after_schedule`): its context at the pause minus the tokens vLLM found computed (local
+prefix-cache hit + tier load).
 
 vLLM counts paused sessions in ``num_waiting_for_streaming_input`` (they hold a slot) and
 decrements it when a session resumes or is aborted; a discarded session has given its slot
@@ -16,12 +24,15 @@ back, so `resumed` and `finishing` restore the count just before vLLM decrements
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 
 from vllm_ext.sched.lamps import PauseCosts, choose_handling
 from vllm_ext.tools.loop import SESSION_KEY
+
+logger = logging.getLogger("vllm_ext.swap")
 
 
 def extra_args(request) -> dict:
@@ -46,7 +57,11 @@ class ToolPauses:
     discarded: set[str] = field(default_factory=set)         # paused with KV freed
     counts: Counter = field(default_factory=Counter)         # pauses by handling
     pause_seconds: float = 0.0
-    recompute_tokens: int = 0
+    recompute_tokens: int = 0     # context tokens re-prefilled after a discard / swap
+    reused_tokens: int = 0        # ... found computed instead (prefix cache + swap tier)
+    swap_fallbacks: int = 0       # swap asked, discard done (tier off or failing)
+    resuming: dict[str, int] = field(default_factory=dict)   # request id -> context at pause
+    fallback_logged: bool = False
 
     def on_add(self, request) -> None:
         extra = extra_args(request)
@@ -65,10 +80,14 @@ class ToolPauses:
         batch_tokens = sum(r.num_computed_tokens for r in sched.running)
         step = sched.ext_step_cost
         batch = len(sched.running)
+        tier = _tier(sched)
         costs = PauseCosts(request.num_computed_tokens, predicted_s,
-                           step.steps_per_token(batch) * step.step_s(batch), batch_tokens)
+                           step.steps_per_token(batch) * step.step_s(batch), batch_tokens,
+                           tier.swap_s_per_token() if tier is not None else None)
         handling = choose_handling(costs) if configured == "min_waste" else configured
-        if handling == "discard":
+        if handling == "swap" and not self._swap_out(sched, tier, request):
+            handling = "discard"
+        if handling in ("discard", "swap"):
             sched.kv_cache_manager.free(request)
             sched.num_waiting_for_streaming_input -= 1  # its slot is free too
             self.discarded.add(req_id)
@@ -87,8 +106,37 @@ class ToolPauses:
             return False
         self.discarded.discard(request.request_id)
         sched.num_waiting_for_streaming_input += 1  # vLLM decrements it for the resume
-        self.recompute_tokens += request.num_computed_tokens
+        self.resuming[request.request_id] = request.num_computed_tokens
         return True
+
+    def after_schedule(self, output) -> None:
+        """A resumed discarded / swapped request is scheduled: count what it recomputes."""
+        if not self.resuming:
+            return
+        for new in output.scheduled_new_reqs:
+            context = self.resuming.pop(new.req_id, None)
+            if context is not None:
+                reused = min(context, new.num_computed_tokens)
+                self.reused_tokens += reused
+                self.recompute_tokens += context - reused
+
+    def _swap_out(self, sched, tier, request) -> bool:
+        """Hand the request's blocks to the tier; False (-> discard, logged once) if it can't."""
+        held, why = 0, "the swap tier is off (--ext-swap-dir)"
+        if tier is not None:
+            try:
+                (block_ids,) = sched.kv_cache_manager.get_block_ids(request.request_id)
+                held = tier.swap_out(request, list(block_ids))
+                why = tier.stats().get("disabled_reason") or "no full block to swap"
+            except Exception as exc:  # never into the engine: a failing tier is a discard
+                why = f"{type(exc).__name__}: {exc}"
+        if held:
+            return True
+        self.swap_fallbacks += 1
+        if not self.fallback_logged:  # counted in swap_fallbacks after the first
+            logger.warning("vllm-ext: swap handling falls back to discard: %s", why)
+            self.fallback_logged = True
+        return False
 
     def finishing(self, sched, request_ids) -> None:
         """Before vLLM's finish_requests: re-count discarded paused sessions it will
@@ -105,13 +153,23 @@ class ToolPauses:
     def forget(self, request) -> None:
         self.paused.pop(request.request_id, None)
         self.discarded.discard(request.request_id)
+        self.resuming.pop(request.request_id, None)
         extra = extra_args(request)
         self.sessions.pop(extra.get(SESSION_KEY), None)
 
     def sizes(self) -> dict[str, int]:
         return {"tool_sessions": len(self.sessions), "tool_paused": len(self.paused),
-                "tool_discarded": len(self.discarded)}
+                "tool_discarded": len(self.discarded), "tool_resuming": len(self.resuming)}
 
     def to_dict(self) -> dict:
         return {"pauses": dict(self.counts), "pause_seconds": self.pause_seconds,
-                "recompute_tokens": self.recompute_tokens}
+                "recompute_tokens": self.recompute_tokens, "reused_tokens": self.reused_tokens,
+                "swap_fallbacks": self.swap_fallbacks}
+
+
+def _tier(sched):
+    """The scheduler's swap tier connector (vllm_ext.swap.connector) when it is on, else None."""
+    connector = getattr(sched, "connector", None)
+    if connector is None or type(connector).__name__ != "SwapConnector":
+        return None
+    return connector

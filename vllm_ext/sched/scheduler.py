@@ -44,6 +44,7 @@ from vllm_ext.sched.pauses import ToolPauses, extra_args
 from vllm_ext.sched.policy import TRUE_LEN_KEY, FcfsPolicy, RequestView
 from vllm_ext.sched.stats import SchedStats
 from vllm_ext.sched.step_cost import StepCostFit
+from vllm_ext.swap.connector import tier_of
 from vllm_ext.telemetry.engine import SchedulerTelemetry
 
 logger = init_logger(__name__)
@@ -148,7 +149,9 @@ class _PredictiveMixin:
         if self.ext_telemetry is not None:  # hot-prefix hint (vllm_ext.telemetry.engine)
             self.ext_telemetry.before_schedule(self.waiting)
         if not self.ext_policy.reorders:
-            return super().schedule(*args, **kwargs)
+            output = super().schedule(*args, **kwargs)
+            self.ext_pauses.after_schedule(output)
+            return output
         self.ext_now = time.time()  # the clock of request.arrival_time
         if (self.ext_running_seen != self._running_ids()
                 or self.ext_now >= min(self.ext_due.values())):  # a request became overdue
@@ -160,6 +163,7 @@ class _PredictiveMixin:
                 self._fall_back("ordering")
             self.ext_dirty = False
         output = super().schedule(*args, **kwargs)
+        self.ext_pauses.after_schedule(output)
         self.ext_running_seen = self._running_ids()
         return output
 
@@ -267,14 +271,18 @@ class _PredictiveMixin:
         return {"requests": len(self.requests),
                 "free_blocks": self.kv_cache_manager.block_pool.get_num_free_blocks(),
                 "paused_sessions": self.num_waiting_for_streaming_input,
+                "swap_stored_blocks": (tier_of(self).stats()["stored_blocks"]
+                                       if tier_of(self) is not None else 0),
                 "per_request": {"predictions": len(self.ext_predictions),
                                 "waiting_keys": len(self.ext_waiting_keys),
                                 **self.ext_pauses.sizes(), **policy}}
 
     def ext_get_stats(self) -> dict:
+        tier = tier_of(self)
         return {**self.ext_stats.to_dict(), "policy": self.ext_policy.name,
                 "kv_bits": self.ext_config.kv_bits, "step_cost": self.ext_step_cost.to_dict(),
-                "tools": self.ext_pauses.to_dict()}
+                "tools": self.ext_pauses.to_dict(),
+                "swap": tier.stats() if tier is not None else None}
 
     def _guard(self, fn, *args) -> None:
         try:
