@@ -24,7 +24,7 @@ the held-out ones (``--tasks``/``--seed``, a different seed: disjoint draws); th
 setting is the laser setting with the lowest validation per-step imbalance whose validation
 accuracy is within ``--max-acc-drop`` of top-k's, and the table reports every setting on the
 held-out tasks. ``--sweep`` adds a threshold grid whose pool is 2k experts wide (the engine's
-default ``pool_max`` 4 equals k on a top-4 router: no token can move). Each engine also reports
+default, ``pool_max`` 0, is 2k too; an absolute 4 equals k on a top-4 router). Each engine also reports
 per-device load for 2/4/8-way expert parallelism, and an EP MoE step-time estimate from a
 measured per-expert cost (``ep_estimate``, an estimate, nothing ran on several devices).
 ``--gate-stats`` prints the trained gates' score distribution (HF transformers, teacher-forced).

@@ -129,7 +129,7 @@ def sequential_reference(logits, k, load, params):
     out = []
     for t in range(scores.shape[0]):
         s = scores[t].tolist()
-        ranked = sorted(range(len(s)), key=lambda e: -s[e])[:min(max(params.pool_max, k), len(s))]
+        ranked = sorted(range(len(s)), key=lambda e: -s[e])[:min(max(params.pool_max or 2 * k, k), len(s))]
         pool = [e for i, e in enumerate(ranked)
                 if i < k or (flat[t] and s[e] > 0 and s[e] >= (1 - params.pool_threshold) * s[ranked[0]])]
         chosen = sorted(pool, key=lambda e: (load[e], ranked.index(e)))[:k]
@@ -141,7 +141,7 @@ def sequential_reference(logits, k, load, params):
 
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 10_000), tokens=st.integers(1, 40), experts=st.sampled_from([4, 8, 16]),
-       k=st.integers(1, 4), pool_max=st.integers(1, 16), rounds=st.integers(1, 16),
+       k=st.integers(1, 4), pool_max=st.integers(0, 16), rounds=st.integers(1, 16),
        eps=st.floats(0.0, 1.0), tau=st.floats(0.0, 1.0), scale=st.floats(0.1, 6.0),
        mode=st.sampled_from(["laser", "least_loaded"]), renormalize=st.booleans())
 def test_properties(seed, tokens, experts, k, pool_max, rounds, eps, tau, scale, mode, renormalize):
@@ -244,7 +244,7 @@ def test_load_report_metrics():
 
 class _Ext:  # the ExtConfig fields the router module reads
     moe_router, laser_eps_high, laser_entropy_max, laser_pool_threshold = "laser", 0.9, 0.0, 0.5
-    laser_pool_max, laser_rounds, laser_load_decay, laser_bands = 4, 8, 0.5, {}
+    laser_pool_max, laser_rounds, laser_load_decay, laser_bands = 0, 8, 0.5, {}
 
 
 def _runner(router, name="model.layers.0.mlp.experts"):

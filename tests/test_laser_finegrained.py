@@ -23,7 +23,7 @@ WIDE = dict(laser_pool_max=8)  # pool of 2k candidates
 
 class _Ext:  # the ExtConfig fields the router module reads (engine defaults)
     moe_router, laser_eps_high, laser_entropy_max, laser_pool_threshold = "laser", 0.9, 0.0, 0.5
-    laser_pool_max, laser_rounds, laser_load_decay, laser_bands = 4, 8, 0.5, {}
+    laser_pool_max, laser_rounds, laser_load_decay, laser_bands = 0, 8, 0.5, {}
 
 
 class _VllmConfig:
@@ -98,16 +98,19 @@ def test_peaked_laser_reproduces_vllm_topk_without_renormalisation():
     assert not r.moved.any() and r.weights.sum(-1).max() < 1  # full-softmax probabilities
 
 
-def test_default_pool_is_top_k_on_a_top4_router():
-    """pool_max 4 == k: the pool is the top-k, so even a flat gate keeps plain top-k."""
+def test_default_pool_is_2k_wide_on_a_top4_router():
+    """The default pool cap is 2k (8 here): flat gates move tokens on a top-4 router. An
+    absolute cap of 4 == k (the old default) makes the pool the top-k: nothing can move."""
     torch.manual_seed(2)
     logits = torch.randn(128, E) * 0.1  # near-flat gates
     load = torch.arange(E, dtype=torch.float32)  # strongly uneven
     default = laser_route(logits, K, load, LaserParams(), renormalize=False)
-    assert default.flat.all() and not default.moved.any()
+    assert default.flat.all() and default.moved.float().mean() > 0.5
+    assert all(len(set(row)) == K for row in default.ids.tolist())
     wide = laser_route(logits, K, load, LaserParams(pool_max=8), renormalize=False)
-    assert wide.moved.float().mean() > 0.5
-    assert all(len(set(row)) == K for row in wide.ids.tolist())
+    assert torch.equal(wide.ids, default.ids)
+    narrow = laser_route(logits, K, load, LaserParams(pool_max=4), renormalize=False)
+    assert not narrow.moved.any()
 
 
 def test_laser_on_qwen_router_eager_equals_compiled():

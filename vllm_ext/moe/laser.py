@@ -5,7 +5,8 @@ normalised to sum 1 (for softmax ``p == scores``):
 
 1. A *peaked* gate keeps plain top-k. Peaked = top-k mass ``sum(top-k p) >= eps_high`` or
    normalised entropy ``H(p) / log(E) <= entropy_max`` (``entropy_max = 0`` turns that test off).
-2. Otherwise a candidate pool is built: among the top-c experts (``c = pool_max``), those whose
+2. Otherwise a candidate pool is built: among the top-c experts (``c = pool_max``, or ``2k``
+   when ``pool_max`` is 0, the default: a fixed c is a no-op on a router with k >= c), those whose
    score is within ``pool_threshold`` (relative) of the best, ``p_e >= (1 - pool_threshold) *
    p_max``. The top-k experts are always in the pool, so it holds at least k experts.
 3. The k least-loaded experts of the pool are chosen; equal loads go to the higher score.
@@ -53,8 +54,8 @@ class LaserParams:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"LASER mode must be one of {MODES}, got {self.mode!r}")
-        if self.pool_max < 1 or self.rounds < 1:
-            raise ValueError("pool_max and rounds must be >= 1")
+        if self.pool_max < 0 or self.rounds < 1:
+            raise ValueError("pool_max must be >= 0 (0 = 2 x top-k) and rounds >= 1")
 
 
 class Routing(NamedTuple):
@@ -83,6 +84,11 @@ def group_limit(scores: torch.Tensor, num_expert_group: int, topk_group: int) ->
     return (grouped * keep.unsqueeze(-1)).view(num_tokens, num_experts)
 
 
+def pool_cap(params: LaserParams, top_k: int) -> int:
+    """c, the pool's cap: ``pool_max``, or 2k when it is 0."""
+    return params.pool_max or 2 * top_k
+
+
 def is_peaked(probs: torch.Tensor, top_k: int, eps_high: float, entropy_max: float) -> torch.Tensor:
     """[T] bool: the gate has a clear preference (top-k mass or normalised-entropy test)."""
     mass = probs.topk(top_k, dim=-1).values.sum(dim=-1)
@@ -93,7 +99,7 @@ def is_peaked(probs: torch.Tensor, top_k: int, eps_high: float, entropy_max: flo
 def candidate_pool(scores: torch.Tensor, top_k: int, params: LaserParams):
     """Top-c candidates (score order) and which of them are in each token's pool; a peaked
     token's pool is its top-k."""
-    pool_size = min(max(params.pool_max, top_k), scores.shape[-1])
+    pool_size = min(max(pool_cap(params, top_k), top_k), scores.shape[-1])
     cand_scores, cand_ids = scores.topk(pool_size, dim=-1)
     is_topk = torch.arange(pool_size, device=scores.device) < top_k
     in_pool = (cand_scores > 0) | is_topk
