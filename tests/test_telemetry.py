@@ -300,7 +300,8 @@ def _snapshot():
     ten.on_request("alice")
     exp = ExpertTelemetry(_cfg())
     exp.feed([{"layers": [{"layer": "model.layers.0.mlp", "device_tokens": [3, 1]}]}])
-    return {"prefixes": pre.report(5, 60.0), "tenants": ten.report(5), "experts": {
+    return {"prefixes": {**pre.report(5, 60.0), "engine_cost": {"seconds": 0.5, "calls": 50}},
+            "tenants": ten.report(5), "experts": {
         "windows": exp.windows([60.0]), "memory_bytes": exp.sketch.memory_bytes,
         "budget_bytes": exp.sketch.budget_bytes, "fragments": 1, "dropped": 0,
         "items": exp.sketch.items}}
@@ -474,6 +475,23 @@ def test_a_telemetry_error_switches_it_off_instead_of_raising():
     assert tel.report(5) == {"error": tel.failed}  # answered, not raised
     assert tel.on_request(SimpleNamespace(request_id="r1", block_hashes=[b"\x01" * 32],
                                           num_prompt_tokens=1)) is None
+
+
+def test_engine_time_in_the_hooks_is_counted_and_exported():
+    from vllm_ext.telemetry.engine import SchedulerTelemetry
+    from vllm_ext.telemetry.export import families
+
+    tel = SchedulerTelemetry(_cfg())
+    for i in range(20):
+        tel.on_request(SimpleNamespace(request_id=f"r{i}", block_hashes=[bytes([i]) * 32],
+                                       num_prompt_tokens=16))
+    tel.before_schedule([])
+    cost = tel.report(5)["engine_cost"]
+    assert cost["calls"] == 21 and cost["seconds"] > 0
+    assert tel.report(5)["engine_cost"]["calls"] == 22  # the first report counted too
+    fams = {f.name: f for f in families({"prefixes": tel.report(5)})}
+    (sample,) = fams["vllm_ext_telemetry_engine_seconds"].samples
+    assert sample.name == "vllm_ext_telemetry_engine_seconds_total" and sample.value >= cost["seconds"]
 
 
 def test_hint_off_never_reorders():

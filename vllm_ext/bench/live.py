@@ -18,6 +18,7 @@ COUNTERS = {  # (prometheus sample name, label, value) -> field in a bench summa
     ("vllm_ext_tool_pauses_total", "handling", "preserve"): "tool_preserve",
     ("vllm_ext_tool_pauses_total", "handling", "discard"): "tool_discard",
     ("vllm_ext_tool_recompute_tokens_total", None, None): "tool_recompute_tokens",
+    ("vllm_ext_telemetry_engine_seconds_total", None, None): "telemetry_engine_seconds",
 }
 
 

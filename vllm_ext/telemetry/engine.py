@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 
 from vllm_ext.telemetry.collect import PrefixTelemetry
 from vllm_ext.telemetry.hashing import key_of
@@ -33,17 +34,23 @@ logger = logging.getLogger(__name__)
 def _guarded(method):
     """Telemetry must never take the engine down (an exception in a scheduler hook or a
     utility call kills EngineCore): the first error is logged with its traceback, the
-    telemetry switches itself off for the engine's lifetime and reports why."""
+    telemetry switches itself off for the engine's lifetime and reports why. Every call's time
+    is added to ``seconds`` (what the telemetry costs the engine core, exported as
+    ``vllm_ext_telemetry_engine_seconds_total``)."""
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         if self.failed is not None:
             return {"error": self.failed} if method.__name__ == "report" else None
+        start = time.perf_counter()
         try:
             return method(self, *args, **kwargs)
         except Exception as exc:
             logger.exception("vllm-ext telemetry failed in %s; off from now on", method.__name__)
             self.failed = f"{method.__name__}: {exc!r}"
             return {"error": self.failed} if method.__name__ == "report" else None
+        finally:
+            self.seconds += time.perf_counter() - start
+            self.calls += 1
     return wrapper
 
 
@@ -60,6 +67,7 @@ class SchedulerTelemetry:
         self.arrived = False
         self.failed: str | None = None  # why the telemetry switched itself off
         self.reorders = 0  # partitions that moved a hot request ahead
+        self.seconds, self.calls = 0.0, 0  # engine-core time spent in these hooks
 
     @classmethod
     def build(cls, cfg) -> "SchedulerTelemetry | None":
@@ -116,6 +124,7 @@ class SchedulerTelemetry:
         out = self.prefixes.report(top_k, range_s, full, drain)
         out["hot_prefix"] = {"min_count": self.hot_min, "hot_waiting": len(self.hot),
                              "reorders": self.reorders}
+        out["engine_cost"] = {"seconds": self.seconds, "calls": self.calls}  # before this one
         return out
 
 

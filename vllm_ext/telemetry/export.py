@@ -13,6 +13,7 @@ a CounterMetricFamily), bounded label sets (top-k rows only):
   vllm_ext_telemetry_items_total{structure}           items fed (blocks, requests, tokens)
   vllm_ext_telemetry_filtered_total{structure}        arrivals the learned filter left out
   vllm_ext_telemetry_error_bound{structure}           stated additive error of a count
+  vllm_ext_telemetry_engine_seconds_total             engine-core time in the telemetry hooks
   vllm_ext_telemetry_top_prefix_requests{rank,prefix,blocks}  in the last W requests
   vllm_ext_telemetry_top_tenant_requests{rank,tenant}         in the last W requests
   vllm_ext_telemetry_expert_tokens{layer,expert,window}       routed tokens per window
@@ -118,6 +119,8 @@ def families(snap: dict):
                      "tenant among the last W", ["rank", "tenant"])
     experts = fam("gauge", "vllm_ext_telemetry_expert_tokens", "tokens routed to the expert in "
                   "the last window", ["layer", "expert", "window"])
+    engine_s = fam("counter", "vllm_ext_telemetry_engine_seconds", "engine-core time spent in "
+                   "the telemetry's scheduler hooks", [])
 
     def tracker(name, t):
         memory.add_metric([name], t["memory_bytes"])
@@ -144,6 +147,8 @@ def families(snap: dict):
         for rank, row in enumerate(pre["top"], 1):
             top_prefix.add_metric([str(rank), row["prefix"], str(row["blocks"])],
                                   row["window_count"])
+        if "engine_cost" in pre:
+            engine_s.add_metric([], pre["engine_cost"]["seconds"])
     exp = snap.get("experts")
     if exp:
         memory.add_metric(["expert_sketch"], exp["memory_bytes"])
@@ -163,7 +168,7 @@ def families(snap: dict):
         for rank, row in enumerate(ten["top"], 1):
             top_tenant.add_metric([str(rank), row["tenant"]], row["window_count"])
     yield from (memory, budget, frags, dropped, items, filtered, bound, top_prefix, top_tenant,
-                experts)
+                experts, engine_s)
 
 
 # ---- merging several servers ---------------------------------------------------------------
