@@ -1,5 +1,6 @@
 """ExtConfig validation and the `vllm-ext` CLI's flag errors (no engine needed)."""
 import json
+import os
 import subprocess
 import sys
 
@@ -79,3 +80,16 @@ def test_serve_takes_an_embedded_model_by_name():
     named = build_vllm_argv(["tiny-moe-finegrained", "--served-model-name", "x"], ExtConfig())
     assert named.count("--served-model-name") == 1
     assert build_vllm_argv(["some/hub-model"], ExtConfig())[0] == "some/hub-model"
+
+
+def test_serve_leaves_an_explicit_kv_cache_size_to_the_flag(monkeypatch):
+    """vLLM's CPU platform lets VLLM_CPU_KVCACHE_SPACE override --kv-cache-memory-bytes, so the
+    1 GiB default is only set when the flag is absent (else the flag would be ignored)."""
+    from vllm_ext.cli import build_vllm_argv
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "")  # records the original for teardown
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE")
+    build_vllm_argv(["--kv-cache-memory-bytes", "12582912"], ExtConfig())
+    assert "VLLM_CPU_KVCACHE_SPACE" not in os.environ
+    build_vllm_argv([], ExtConfig())
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "1"

@@ -282,7 +282,8 @@ def build_vllm_argv(rest: list[str], ext: ExtConfig) -> list[str]:
     defaults = {"--host": "127.0.0.1"}
     if current_platform.is_cpu():
         defaults["--dtype"] = "bfloat16"
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        if not _has_flag(argv, "--kv-cache-memory-bytes"):  # vLLM's legacy env var would
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # override the flag
     elif ext.kv_bits != 16:
         defaults["--attention-backend"] = "CUSTOM"  # HACK Triton backend (vllm_ext.kernels)
     for flag, value in defaults.items():

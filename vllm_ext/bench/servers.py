@@ -73,7 +73,8 @@ def running_server(kind: str, model: str, extra: str, log_path: Path, timeout_s:
                    env: dict | None = None):
     port = free_port()
     env = {**os.environ, **(env or {})}
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if "--kv-cache-memory-bytes" not in extra:  # the legacy env var would override the flag
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     log = open(log_path, "w")
     proc = subprocess.Popen(server_argv(kind, model, port, extra), stdout=log,
                             stderr=subprocess.STDOUT, env=env)
