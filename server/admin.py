@@ -114,8 +114,8 @@ async def apply(app, raw: bytes) -> dict:
                                           f"{options['drain_timeout_s']} s; nothing changed") from None
             workers = await engine.collective_rpc("ext_apply_config", args=(live,))
             active = await scheduler_call(engine, "ext_apply_config", live)
-            if options["reset_prefix_cache"]:
-                await engine.reset_prefix_cache()
+            if options["reset_prefix_cache"]:  # the swap tier too: it is a prefix cache
+                await engine.reset_prefix_cache(reset_connector=bool(new.swap_dir))
         finally:
             if paused:
                 await engine.resume_generation()

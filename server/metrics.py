@@ -16,6 +16,11 @@ a single API server), yields them at scrape time:
   vllm_ext_kv_cache_bits                               KV cache bits in use
   vllm_ext_step_cost_seconds{term}                     base / per_token step cost fitted online
                                                        (cost-aware preemption), once calibrated
+  vllm_ext_tool_*                                      tool pauses by handling, pause time,
+                                                       recomputed / reused context tokens
+  vllm_ext_swap_*                                      with --ext-swap-dir: blocks saved /
+                                                       loaded, tokens loaded, failures,
+                                                       evictions, fallbacks, stored blocks
   vllm_ext_telemetry_*                                 with --ext-telemetry: sketch memory,
                                                        top prefixes / tenants, per-expert load
                                                        (`vllm_ext.telemetry.export`)
@@ -68,8 +73,13 @@ class ExtCollector:
             yield CounterMetricFamily("vllm_ext_tool_pause_seconds", "time requests spent "
                                       "paused for tool calls", value=tools.get("pause_seconds", 0))
             yield CounterMetricFamily("vllm_ext_tool_recompute_tokens", "context tokens "
-                                      "re-prefilled after a discarded pause",
+                                      "re-prefilled after a discarded or swapped pause",
                                       value=tools.get("recompute_tokens", 0))
+            yield CounterMetricFamily("vllm_ext_tool_reused_tokens", "context tokens of a "
+                                      "discarded or swapped pause found computed on resume "
+                                      "(prefix cache + swap tier)",
+                                      value=tools.get("reused_tokens", 0))
+            yield from _swap_families(sched.get("swap"), tools.get("swap_fallbacks", 0))
             cost = sched.get("step_cost") or {}
             if cost.get("base_s") is not None:
                 fit = GaugeMetricFamily("vllm_ext_step_cost_seconds", "engine step cost fitted "
@@ -93,6 +103,28 @@ class ExtCollector:
         if snap.get("telemetry"):
             from vllm_ext.telemetry.export import families
             yield from families(snap["telemetry"])
+
+
+SWAP_COUNTERS = {  # ext_get_stats()["swap"] key -> help (vllm_ext_swap_<key>_total)
+    "blocks_saved": "KV blocks sent to the swap tier", "blocks_loaded": "KV blocks loaded "
+    "back from the swap tier", "tokens_loaded": "tokens whose KV was loaded from the swap tier",
+    "save_failures": "blocks the swap tier failed to save", "load_failures": "blocks the swap "
+    "tier failed to load (recomputed)", "evictions": "swap tier blocks evicted (LRU)"}
+
+
+def _swap_families(swap: dict | None, fallbacks: int):
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    if not swap:
+        return
+    for key, help_text in SWAP_COUNTERS.items():
+        yield CounterMetricFamily(f"vllm_ext_swap_{key}", help_text, value=swap.get(key, 0))
+    yield CounterMetricFamily("vllm_ext_swap_fallbacks", "swap pauses done as discard "
+                              "(tier off or failing)", value=fallbacks)
+    yield GaugeMetricFamily("vllm_ext_swap_stored_blocks", "KV blocks held by the swap tier",
+                            value=swap.get("stored_blocks", 0))
+    yield GaugeMetricFamily("vllm_ext_swap_enabled", "1 while the swap tier is on",
+                            value=1.0 if swap.get("enabled") else 0.0)
 
 
 def _cumulative(edges, counts) -> list[tuple[str, float]]:

@@ -158,7 +158,9 @@ def test_connector_swap_out_then_match_beyond_local_hit(tmp_path):
         {"failed_loads": [b"h2"], "save_s": 0.5, "save_bytes": 100}))
     conn.update_connector_output(out)
     assert conn.get_num_new_matched_tokens(resumed, 4) == (4, False)
-    assert conn.stats()["load_failures"] == 1 and conn.stats()["save_bytes"] == 100
+    stats = conn.stats()
+    assert stats["load_failures"] == 1 and stats["save_bytes"] == 100
+    assert (stats["blocks_loaded"], stats["tokens_loaded"], stats["tokens_failed"]) == (1, 4, 4)
     conn.update_connector_output(SimpleNamespace(
         kv_connector_worker_meta=SwapWorkerMeta({"broken": "StoreFileMissing: gone"})))
     assert not conn.enabled and conn.swap_out(paused, [5, 6, 7, 8]) == 0
@@ -328,8 +330,10 @@ def test_min_waste_offers_swap_only_with_the_tier(tmp_path):
 # ---- configuration and CLI -----------------------------------------------------------------
 def test_swap_handling_needs_the_tier():
     with pytest.raises(ExtConfigError, match="--ext-tool-handling swap.*--ext-swap-dir"):
-        ExtConfig(tool_handling="swap")
-    assert ExtConfig(tool_handling="swap", swap_dir="/tmp").tool_handling == "swap"
+        ExtConfig(tool_handling="swap").check_swap()
+    assert ExtConfig(tool_handling="swap", swap_dir="/tmp").check_swap().tool_handling == "swap"
+    live = ExtConfig(swap_dir="/tmp").with_live_changes({"tool_handling": "swap"})
+    assert live.tool_handling == "swap"
     with pytest.raises(ExtConfigError, match="--ext-swap-dir"):
         ExtConfig().with_live_changes({"tool_handling": "swap"})
     with pytest.raises(ExtConfigError, match="--ext-swap-depth"):

@@ -341,6 +341,10 @@ def serve(argv: list[str]) -> None:
 
 def check_swap(parser: argparse.ArgumentParser, ns, rest: list[str], ext: ExtConfig) -> None:
     """The swap tier's directory must be writable, and the tier owns the KV connector."""
+    try:
+        ext.check_swap()
+    except ExtConfigError as exc:
+        parser.error(str(exc))
     if not ext.swap_dir:
         return
     if _has_flag(rest, "--kv-transfer-config"):

@@ -147,9 +147,6 @@ class ExtConfig:
         _check_range("lamps_starvation_steps", self.lamps_starvation_steps, 1)
         _check_range("swap_gib", self.swap_gib, 0.001)
         _check_range("swap_depth", self.swap_depth, 1)
-        if self.tool_handling == "swap" and not self.swap_dir:
-            raise ExtConfigError(f"{flag_name('tool_handling')} swap needs the swap tier: "
-                                 f"start with {flag_name('swap_dir')} DIR")
         _check_branches(self)
         _check_telemetry(self)
 
@@ -194,7 +191,15 @@ class ExtConfig:
             raise ExtConfigError(
                 f"setting(s) {', '.join(fixed)} cannot change on a live server (restart with "
                 f"the flag instead); live: {', '.join(LIVE_FIELDS)}")
-        return ExtConfig.from_dict({**self.to_dict(), **changes})
+        return ExtConfig.from_dict({**self.to_dict(), **changes}).check_swap()
+
+    def check_swap(self) -> "ExtConfig":
+        """Swap handling needs the swap tier (checked by `vllm-ext serve` and on a live change;
+        an engine configured otherwise discards instead, logged). Returns self."""
+        if self.tool_handling == "swap" and not self.swap_dir:
+            raise ExtConfigError(f"{flag_name('tool_handling')} swap needs the swap tier: "
+                                 f"start the server with {flag_name('swap_dir')} DIR")
+        return self
 
     def live_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in LIVE_FIELDS}

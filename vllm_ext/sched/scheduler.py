@@ -279,10 +279,14 @@ class _PredictiveMixin:
 
     def ext_get_stats(self) -> dict:
         tier = tier_of(self)
+        tools, swap = self.ext_pauses.to_dict(), tier.stats() if tier is not None else None
+        if swap:  # admission counted a load as reused; a failed one was recomputed after all
+            failed = min(swap["tokens_failed"], tools["reused_tokens"])
+            tools["reused_tokens"] -= failed
+            tools["recompute_tokens"] += failed
         return {**self.ext_stats.to_dict(), "policy": self.ext_policy.name,
                 "kv_bits": self.ext_config.kv_bits, "step_cost": self.ext_step_cost.to_dict(),
-                "tools": self.ext_pauses.to_dict(),
-                "swap": tier.stats() if tier is not None else None}
+                "tools": tools, "swap": swap}
 
     def _guard(self, fn, *args) -> None:
         try:

@@ -43,8 +43,9 @@ class TierCounters:
     swap_outs: int = 0           # swap_out calls that queued or refreshed at least one block
     blocks_saved: int = 0        # save jobs sent to the workers
     blocks_reused: int = 0       # swap_out blocks already stored (no I/O)
-    blocks_loaded: int = 0       # load jobs sent to the workers
+    blocks_loaded: int = 0       # blocks loaded (sent to the workers, minus failed loads)
     tokens_loaded: int = 0
+    tokens_failed: int = 0       # tokens of failed loads (vLLM recomputed them)
     evictions: int = 0
     save_failures: int = 0       # reported by the workers
     load_failures: int = 0
@@ -139,10 +140,14 @@ class SwapIndex:
         """Drop keys (a worker failed to save or load them: they must not be matched again)."""
         for key in keys:
             self._stored.pop(key, None)
+        c = self.counters
         if failed == "save":
-            self.counters.save_failures += len(keys)
+            c.save_failures += len(keys)
         elif failed == "load":
-            self.counters.load_failures += len(keys)
+            c.load_failures += len(keys)
+            c.blocks_loaded -= len(keys)
+            c.tokens_loaded -= len(keys) * self.block_size
+            c.tokens_failed += len(keys) * self.block_size
 
     def reset(self) -> None:
         """Forget every key (the prefix-cache reset of a benchmark block); workers drop theirs."""
