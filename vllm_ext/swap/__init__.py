@@ -1,12 +1,13 @@
-"""KV swap tier, pure parts: the slot index, the disk calibration and the file-backed slot store.
+"""KV swap tier for requests paused on a tool call (LAMPS Swap, arXiv 2410.18248).
 
+Pure parts (no vLLM, no torch; imported here):
   cuckoo  bubble-up cuckoo index, key -> slot (Kuszmaul & Mitzenmacher, arXiv 2501.02312)
   disk    MQSSD-style calibration: throughput vs in-flight requests, knee depth (arXiv 2507.06349)
   store   SlotStore: one file of fixed-size slots, bounded in-flight I/O
   record  the slot record (nonce, key, length, checksum) and the store's errors
-
-The engine side (moving vLLM's KV blocks through the connector / offloading interfaces) is
-built separately; nothing here imports vLLM or torch.
+  tier    SwapIndex: the scheduler's bookkeeping of the tier (keys, LRU, each step's plan)
+Engine side (imported on demand): `connector` (SwapConnector, vLLM's KVConnectorBase_V1,
+selected by ``--ext-swap-dir``) and `kv_io` (the workers' block gather/scatter, torch).
 """
 from vllm_ext.swap.cuckoo import CuckooIndex, CuckooStats, IndexFull, choices_for
 from vllm_ext.swap.record import (CorruptSlot, PayloadTooLarge, SlotError, StaleSlot,
