@@ -48,10 +48,12 @@ def test_telemetry_route_metrics_and_merge(server):
     assert body["tenants"]["requests"] >= 7 and tenants & {"alice", "bob", "carol"}
     layers = body["experts"]["windows"]["600"]["layers"]
     assert layers and sum(sum(v) for v in layers.values()) > 0
+    assert prefixes["engine_cost"]["calls"] >= 7 and prefixes["engine_cost"]["seconds"] > 0
     assert httpx.get(server + "/v1/ext/telemetry?top_k=0", timeout=30).status_code == 400
     metrics = httpx.get(server + "/metrics", timeout=60).text
     for name in ("vllm_ext_telemetry_memory_bytes", "vllm_ext_telemetry_items_total",
-                 "vllm_ext_telemetry_top_prefix_requests", "vllm_ext_telemetry_expert_tokens"):
+                 "vllm_ext_telemetry_top_prefix_requests", "vllm_ext_telemetry_expert_tokens",
+                 "vllm_ext_telemetry_engine_seconds_total"):
         assert name in metrics, name
     merged = subprocess.run([sys.executable, "-m", "vllm_ext.cli", "telemetry", "merge",
                              server, server, "--range-s", "600"], capture_output=True,
