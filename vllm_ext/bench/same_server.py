@@ -48,7 +48,7 @@ def live_settings(name: str, flags: str) -> tuple[dict, dict]:
     """A config's --ext-* flags as (live settings, per-request vllm_xargs); exits naming the
     flag if one can't switch."""
     from vllm_ext.branches.runner import OVERRIDE_KEYS
-    from vllm_ext.cli import ext_arg_parser, ext_config_from_args
+    from vllm_ext.flags import ext_arg_parser, ext_config_from_args
     from vllm_ext.config import LIVE_FIELDS, ExtConfig, ExtConfigError
 
     parser = ext_arg_parser()
