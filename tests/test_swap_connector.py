@@ -168,6 +168,15 @@ def test_connector_swap_out_then_match_beyond_local_hit(tmp_path):
     assert conn.request_finished(resumed, []) == (False, None)
 
 
+def test_reset_of_an_empty_tier_reaches_the_workers(tmp_path):
+    # an empty SwapIndex is falsy (len 0): its plan must still be taken, or
+    # has_pending_push_work stays true and the engine never idles (a drain never ends)
+    conn, _ = _scheduler_connector(tmp_path)
+    assert conn.reset_cache() and conn.has_pending_push_work()
+    assert conn.build_connector_meta(None).plan.reset
+    assert not conn.has_pending_push_work()
+
+
 def test_connector_turns_itself_off_where_it_cannot_work(tmp_path):
     conn, _ = _scheduler_connector(tmp_path, prefix=False)
     assert not conn.enabled and "prefix caching" in conn.stats()["disabled_reason"]

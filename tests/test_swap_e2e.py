@@ -104,7 +104,7 @@ def test_swap_same_text_loads_from_the_tier_and_recomputes_less(server):
     set_handling(server, "preserve")
     now = wait_drained(lambda: state(server), baseline)
     assert now["requests"] == 0 and now["free_blocks"] == baseline
-    assert now["paused_sessions"] == 0
+    assert now["paused_sessions"] == 0 and not now["swap_pending"]
     assert all(v == 0 for k, v in now["per_request"].items()), now["per_request"]
 
 

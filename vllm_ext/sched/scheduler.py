@@ -273,6 +273,8 @@ class _PredictiveMixin:
                 "paused_sessions": self.num_waiting_for_streaming_input,
                 "swap_stored_blocks": (tier_of(self).stats()["stored_blocks"]
                                        if tier_of(self) is not None else 0),
+                # work queued for the workers: true keeps the engine stepping (must drain)
+                "swap_pending": tier_of(self) is not None and tier_of(self).has_pending_push_work(),
                 "per_request": {"predictions": len(self.ext_predictions),
                                 "waiting_keys": len(self.ext_waiting_keys),
                                 **self.ext_pauses.sizes(), **policy}}

@@ -182,7 +182,7 @@ class SwapConnector(KVConnectorBase_V1):
                              block_ids[start:start + n])
 
     def build_connector_meta(self, scheduler_output) -> KVConnectorMetadata:
-        return SwapConnectorMetadata(self.index.take_plan() if self.index else SwapPlan())
+        return SwapConnectorMetadata(self.index.take_plan() if self.index is not None else SwapPlan())
 
     def update_connector_output(self, connector_output) -> None:
         meta = getattr(connector_output, "kv_connector_worker_meta", None)
