@@ -190,10 +190,14 @@ def test_counters_parsed_by_label():
         'vllm_ext_preemptions_total{cause="kv_pressure"} 1.0',
         '# TYPE vllm_ext_tool_pauses_total counter',
         'vllm_ext_tool_pauses_total{handling="preserve"} 5.0',
-        'vllm_ext_tool_pauses_total{handling="discard"} 7.0', ""])
+        'vllm_ext_tool_pauses_total{handling="discard"} 7.0',
+        'vllm_ext_tool_pauses_total{handling="swap"} 2.0',
+        '# TYPE vllm_ext_swap_tokens_loaded_total counter',
+        'vllm_ext_swap_tokens_loaded_total 512.0', ""])
     got = parse_counters(text)
     assert (got["preemptions_policy"], got["preemptions_kv_pressure"]) == (3.0, 1.0)
-    assert (got["tool_preserve"], got["tool_discard"]) == (5.0, 7.0)
+    assert (got["tool_preserve"], got["tool_discard"], got["tool_swap"]) == (5.0, 7.0, 2.0)
+    assert got["swap_tokens_loaded"] == 512.0
     assert got["probe_runs"] == 0.0
 
 

@@ -17,8 +17,12 @@ COUNTERS = {  # (prometheus sample name, label, value) -> field in a bench summa
     ("vllm_ext_probe_seconds_total", None, None): "probe_seconds",
     ("vllm_ext_tool_pauses_total", "handling", "preserve"): "tool_preserve",
     ("vllm_ext_tool_pauses_total", "handling", "discard"): "tool_discard",
+    ("vllm_ext_tool_pauses_total", "handling", "swap"): "tool_swap",
     ("vllm_ext_tool_recompute_tokens_total", None, None): "tool_recompute_tokens",
     ("vllm_ext_telemetry_engine_seconds_total", None, None): "telemetry_engine_seconds",
+    ("vllm_ext_tool_reused_tokens_total", None, None): "tool_reused_tokens",
+    ("vllm_ext_swap_tokens_loaded_total", None, None): "swap_tokens_loaded",
+    ("vllm_ext_swap_blocks_saved_total", None, None): "swap_blocks_saved",
 }
 
 

@@ -173,8 +173,13 @@ def counters_table(means: list[dict]) -> str:
     if not fields:
         return ""
     lines = ["counters per block from /metrics (mean):",
-             f"{'config':<14}{'rate':>6}" + "".join(f"{f:>24}" for f in fields)]
+             f"{'config':<14}{'rate':>6}" + "".join(f"{f:>26}" for f in fields)]
     for r in means:
         lines.append(f"{r['config']:<14}{r['rate']:>6.2f}"
-                     + "".join(f"{r.get(f, 0):>24.1f}" for f in fields))
+                     + "".join(f"{_num(r.get(f, 0)):>26}" for f in fields))
     return "\n".join(lines)
+
+
+def _num(value: float) -> str:
+    """A counter per block: one decimal, or 4 significant digits below 1 (seconds)."""
+    return f"{value:.1f}" if value == 0 or abs(value) >= 1 else f"{value:.4g}"
