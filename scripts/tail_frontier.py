@@ -16,13 +16,11 @@ from __future__ import annotations
 import argparse
 import heapq
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from tail_sweep import block_requests
+from tail_sweep import simulate_blocks
 from vllm_ext.sched.policy import make_policy
-from vllm_ext.sim.cluster import latency_stats, simulate
 from vllm_ext.sim.predicted import NoisyTrailPolicy
 from vllm_ext.sim.profile import load_profile
 from vllm_ext.sim.replica import ReplicaConfig
@@ -67,16 +65,8 @@ def main() -> None:
         for s in (0, 0.5, 1, 2):
             policies[f"vfcfs w={w:g} s={s:g}"] = lambda w=w, s=s: VirtualFcfsTrail(
                 tail_factor=1.0, slots=args.max_num_seqs, wait_slack=w, service_slack=s)
-    blocks = sorted(Path(args.run).glob("fcfs@*.b*.jsonl"))
-    rates = sorted({b.name.split("@")[1].split(".b")[0] for b in blocks}, key=float)
     points = {}
-    for rate in rates:
-        stats = {name: [] for name in policies}
-        for path in [b for b in blocks if f"@{rate}.b" in b.name]:
-            reqs = block_requests(path, overhead)
-            for name, factory in policies.items():
-                st = latency_stats(simulate(reqs, cfg, factory))
-                stats[name].append((st["mean_e2el_s"], st["p99_e2el_s"]))
+    for rate, stats in simulate_blocks(args.run, policies, cfg, overhead):
         base = np.asarray(stats["fcfs"])
         print(f"SIMULATED, rate {rate}, {len(base)} blocks of {args.run}")
         print(f"{'policy':<22}{'mean vs fcfs':>13}{'p99 vs fcfs':>13}")

@@ -30,6 +30,20 @@ def block_requests(path: Path, overhead: float) -> list[SimRequest]:
             for r in recs if r["error"] is None]
 
 
+def simulate_blocks(run: str, policies: dict, cfg: ReplicaConfig, overhead: float):
+    """Per rate of `run`'s fcfs blocks: (rate, {policy: [(mean e2e s, p99 e2e s) per block]})."""
+    blocks = sorted(Path(run).glob("fcfs@*.b*.jsonl"))
+    rates = sorted({b.name.split("@")[1].split(".b")[0] for b in blocks}, key=float)
+    for rate in rates:
+        stats = {name: [] for name in policies}
+        for path in [b for b in blocks if f"@{rate}.b" in b.name]:
+            reqs = block_requests(path, overhead)
+            for name, factory in policies.items():
+                st = latency_stats(simulate(reqs, cfg, factory))
+                stats[name].append((st["mean_e2el_s"], st["p99_e2el_s"]))
+        yield rate, stats
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", required=True, help="a bench compare --same-server --out folder")
@@ -42,15 +56,7 @@ def main() -> None:
     policies = {"fcfs": lambda: make_policy("fcfs"), "oracle": lambda: make_policy("oracle")}
     for f in args.factors:
         policies[f"trail tail={f:g}"] = lambda f=f: NoisyTrailPolicy(tail_factor=f)
-    blocks = sorted(Path(args.run).glob("fcfs@*.b*.jsonl"))
-    rates = sorted({b.name.split("@")[1].split(".b")[0] for b in blocks}, key=float)
-    for rate in rates:
-        stats = {name: [] for name in policies}
-        for path in [b for b in blocks if f"@{rate}.b" in b.name]:
-            reqs = block_requests(path, overhead)
-            for name, factory in policies.items():
-                st = latency_stats(simulate(reqs, cfg, factory))
-                stats[name].append((st["mean_e2el_s"], st["p99_e2el_s"]))
+    for rate, stats in simulate_blocks(args.run, policies, cfg, overhead):
         base = np.asarray(stats["fcfs"])
         print(f"SIMULATED, rate {rate}, {len(base)} blocks of {args.run}")
         print(f"{'policy':<18}{'mean e2e (s)':>13}{'vs fcfs':>9}{'p99 e2e (s)':>13}{'vs fcfs':>9}")
