@@ -59,6 +59,24 @@ def wait_drained(read_state, baseline_blocks: int, timeout_s: float = 30.0) -> d
         time.sleep(0.5)
 
 
+def admin_state(server: str, token: str) -> dict:
+    """The scheduler part of a live server's ``GET /v1/ext/admin/state``."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {token}"}
+    return httpx.get(server + "/v1/ext/admin/state", headers=headers).json()["scheduler"]
+
+
+def set_tool_handling(server: str, token: str, handling: str) -> None:
+    """Switch a live server's ``tool_handling`` (drained), asserting the admin route took it."""
+    import httpx
+
+    resp = httpx.post(server + "/v1/ext/admin/config", timeout=60,
+                      headers={"Authorization": f"Bearer {token}"},
+                      json={"config": {"tool_handling": handling}, "drain": True})
+    assert resp.status_code == 200, resp.text
+
+
 def make_linear_probe(model_path: str, layer: int, out_path: Path, seed: int = 0):
     """A probe with a known random linear map, bound to the model's fingerprint."""
     import torch

@@ -16,13 +16,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import wait_drained
+from conftest import admin_state, set_tool_handling, wait_drained
 
 from vllm_ext.testbed.tasks import generate_tasks, prompt_text
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 TOKEN = "swap-admin-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 TASKS = [t for t in generate_tasks(12, seed=3, kinds=["calc", "lookup"])
          if len(t.tool_calls) >= 2][:3]
 
@@ -57,13 +56,11 @@ def complete(server, prompt):
 
 
 def state(server):
-    return httpx.get(server + "/v1/ext/admin/state", headers=AUTH).json()["scheduler"]
+    return admin_state(server, TOKEN)
 
 
 def set_handling(server, handling):
-    resp = httpx.post(server + "/v1/ext/admin/config", headers=AUTH,
-                      json={"config": {"tool_handling": handling}, "drain": True}, timeout=60)
-    assert resp.status_code == 200, resp.text
+    set_tool_handling(server, TOKEN, handling)
 
 
 def metrics(server) -> dict[str, float]:

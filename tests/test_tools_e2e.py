@@ -11,13 +11,12 @@ import re
 
 import httpx
 import pytest
-from conftest import wait_drained
+from conftest import admin_state, set_tool_handling, wait_drained
 
 from vllm_ext.testbed.tasks import check_answer, generate_tasks, prompt_text
 
 pytestmark = pytest.mark.e2e
 TOKEN = "tools-admin-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +50,11 @@ def complete(server, prompt, stream=False, **extra):
 
 
 def state(server):
-    return httpx.get(server + "/v1/ext/admin/state", headers=AUTH).json()["scheduler"]
+    return admin_state(server, TOKEN)
 
 
 def set_handling(server, handling):
-    resp = httpx.post(server + "/v1/ext/admin/config", headers=AUTH,
-                      json={"config": {"tool_handling": handling}, "drain": True}, timeout=60)
-    assert resp.status_code == 200, resp.text
+    set_tool_handling(server, TOKEN, handling)
 
 
 TASKS = generate_tasks(4, seed=3, kinds=["calc", "lookup"])
