@@ -18,6 +18,9 @@ a single API server), yields them at scrape time:
                                                        (cost-aware preemption), once calibrated
   vllm_ext_tool_*                                      tool pauses by handling, pause time,
                                                        recomputed / reused context tokens
+  vllm_ext_preempt_*_tokens_total, ..._swapped_total   a preempted request's context
+                                                       re-prefilled / found computed on its
+                                                       return; victims saved to the swap tier
   vllm_ext_swap_*                                      with --ext-swap-dir: blocks saved /
                                                        loaded, tokens loaded, failures,
                                                        evictions, fallbacks, stored blocks
@@ -80,6 +83,7 @@ class ExtCollector:
                                       "(prefix cache + swap tier)",
                                       value=tools.get("reused_tokens", 0))
             yield from _swap_families(sched.get("swap"), tools.get("swap_fallbacks", 0))
+            yield from _preempt_families(sched.get("preempt") or {})
             cost = sched.get("step_cost") or {}
             if cost.get("base_s") is not None:
                 fit = GaugeMetricFamily("vllm_ext_step_cost_seconds", "engine step cost fitted "
@@ -181,3 +185,18 @@ def expert_imbalance(reports: list) -> dict[str, float]:
         for layer in (report or {}).get("layers", []):
             out[layer["layer"]] = float(layer["max_over_mean"])
     return out
+
+
+def _preempt_families(pre: dict):
+    """A preempted request's return (`vllm_ext.sched.preempt_swap`)."""
+    from prometheus_client.core import CounterMetricFamily
+
+    yield CounterMetricFamily("vllm_ext_preempt_recompute_tokens", "context tokens a "
+                              "preempted request re-prefilled on its return",
+                              value=pre.get("recompute_tokens", 0))
+    yield CounterMetricFamily("vllm_ext_preempt_reused_tokens", "context tokens a preempted "
+                              "request found computed on its return (prefix cache + swap "
+                              "tier)", value=pre.get("reused_tokens", 0))
+    yield CounterMetricFamily("vllm_ext_preempt_swapped", "preemptions whose KV blocks went "
+                              "to the swap tier (--ext-preempt-mode swap)",
+                              value=pre.get("swapped", 0))

@@ -67,14 +67,18 @@ def admin_state(server: str, token: str) -> dict:
     return httpx.get(server + "/v1/ext/admin/state", headers=headers).json()["scheduler"]
 
 
-def set_tool_handling(server: str, token: str, handling: str) -> None:
-    """Switch a live server's ``tool_handling`` (drained), asserting the admin route took it."""
+def set_live(server: str, token: str, **config) -> None:
+    """Switch live settings of a server (drained), asserting the admin route took them."""
     import httpx
 
     resp = httpx.post(server + "/v1/ext/admin/config", timeout=60,
                       headers={"Authorization": f"Bearer {token}"},
-                      json={"config": {"tool_handling": handling}, "drain": True})
+                      json={"config": config, "drain": True})
     assert resp.status_code == 200, resp.text
+
+
+def set_tool_handling(server: str, token: str, handling: str) -> None:
+    set_live(server, token, tool_handling=handling)
 
 
 def make_linear_probe(model_path: str, layer: int, out_path: Path, seed: int = 0):

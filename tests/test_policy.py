@@ -59,6 +59,7 @@ def _adapter(requests):
     from vllm_ext.config import ExtConfig
     from vllm_ext.sched.stats import SchedStats
     from vllm_ext.sched.pauses import ToolPauses
+    from vllm_ext.sched.preempt_swap import PreemptReturns
     from vllm_ext.sched.step_cost import StepCostFit
 
     class _Base:  # the Scheduler methods the mixin calls through super()
@@ -86,6 +87,7 @@ def _adapter(requests):
     s.ext_dirty, s.ext_running_seen = True, ()
     s.ext_step_cost, s.ext_last_update = StepCostFit(), None
     s.ext_pauses = ToolPauses()
+    s.ext_returns = PreemptReturns()
     s.ext_now, s.ext_due = 0.0, {"running": float("inf"), "waiting": float("inf")}
     s.ext_waiting_dirty = True
     s.ext_stats, s.ext_config = SchedStats(), ExtConfig(policy="oracle")

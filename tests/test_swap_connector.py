@@ -374,3 +374,48 @@ def test_cli_adds_the_connector_and_names_the_flags(tmp_path, capsys, monkeypatc
         assert words in capsys.readouterr().err
     cli.serve(["--ext-tool-handling", "discard"])
     assert "--kv-transfer-config" not in ran[-1]
+
+
+# ---- preemption (--ext-preempt-mode) -------------------------------------------------------
+def test_preempted_victim_swaps_full_blocks_and_its_return_is_counted(tmp_path, caplog):
+    from vllm_ext.sched.preempt_swap import PreemptReturns
+
+    conn, _ = _scheduler_connector(tmp_path)
+    sched, request, _ = _fake_sched(conn)
+    returns = PreemptReturns()
+    returns.on_preempt(sched, request, "swap", conn)
+    assert (returns.swapped, returns.swapped_tokens) == (1, 12)
+    assert [k for k, _ in conn.build_connector_meta(None).plan.saves] == [b"h0", b"h1", b"h2"]
+    # it returns as a resumed request (vLLM's v1 runner): 12 tokens found computed of 14
+    cached = SimpleNamespace(req_ids=["x", "r"], resumed_req_ids={"r"},
+                             num_computed_tokens=[40, 12])
+    returns.after_schedule(SimpleNamespace(scheduled_new_reqs=[], scheduled_cached_reqs=cached))
+    assert (returns.recompute_tokens, returns.reused_tokens) == (2, 12) and not returns.context
+    # recompute mode: nothing is saved, the return is still measured (as a new request)
+    returns.on_preempt(sched, request, "recompute", conn)
+    assert returns.swapped == 1 and not conn.build_connector_meta(None).plan
+    returns.after_schedule(SimpleNamespace(
+        scheduled_new_reqs=[SimpleNamespace(req_id="r", num_computed_tokens=0)],
+        scheduled_cached_reqs=SimpleNamespace(req_ids=[], resumed_req_ids=set(),
+                                              num_computed_tokens=[])))
+    assert returns.recompute_tokens == 2 + 14
+    # a victim that finishes (aborted) while waiting leaves nothing behind
+    returns.on_preempt(sched, request, "recompute", conn)
+    returns.forget("r")
+    assert not returns.context
+    # swap without a tier: recompute, logged once
+    with caplog.at_level("WARNING", logger="vllm_ext.swap"):
+        returns.on_preempt(sched, request, "swap", None)
+        returns.on_preempt(sched, request, "swap", None)
+    assert caplog.text.count("falls back to recompute") == 1 and returns.swapped == 1
+
+
+def test_preempt_mode_swap_needs_the_tier_and_is_live():
+    with pytest.raises(ExtConfigError, match="--ext-preempt-mode swap.*--ext-swap-dir"):
+        ExtConfig(preempt_mode="swap").check_swap()
+    with pytest.raises(ExtConfigError, match="--ext-preempt-mode"):
+        ExtConfig(preempt_mode="disk")
+    live = ExtConfig(swap_dir="/tmp").with_live_changes({"preempt_mode": "swap"})
+    assert live.preempt_mode == "swap"
+    with pytest.raises(ExtConfigError, match="--ext-swap-dir"):
+        ExtConfig().with_live_changes({"preempt_mode": "swap"})

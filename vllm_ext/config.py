@@ -21,6 +21,7 @@ LASER_BAND_KEYS = {"eps_high": float, "entropy_max": float, "pool_threshold": fl
 BRANCH_MODES = ("off", "sc", "esc", "duchess")  # n > 1 requests: vllm_ext/branches
 # KV of a request paused for a tool call; "swap" needs the swap tier (swap_dir)
 TOOL_HANDLINGS = ("preserve", "discard", "swap", "min_waste")
+PREEMPT_MODES = ("recompute", "swap")  # a preempted request's KV; "swap" needs swap_dir too
 KV_BITS = (16, 8, 4, 2)
 KV_PARTITIONS = (32, 64, 128)  # HACK: tokens per K quantization partition
 # Settings that may change on a live server between steps (`vllm_ext.server.admin`): the
@@ -29,7 +30,7 @@ KV_PARTITIONS = (32, 64, 128)  # HACK: tokens per K quantization partition
 LIVE_FIELDS = ("policy", "preemption_margin", "max_preemptions_per_request",
                "max_preemptions_per_step", "trail_preempt_fraction", "trail_smoothing",
                "preemption_cost", "trail_tail_factor", "probe_every", "tool_handling",
-               "lamps_starvation_steps")
+               "lamps_starvation_steps", "preempt_mode")
 
 
 class ExtConfigError(ValueError):
@@ -68,6 +69,9 @@ class ExtConfig:
     # hit), or the least waste per call (InferCept's rule); policy lamps implies min_waste
     tool_handling: str = "preserve"
     lamps_starvation_steps: int = 100  # lamps: a request waiting this many steps goes first
+    # KV of a preempted request (vllm_ext/sched/preempt_swap.py): vLLM's recompute, or saved
+    # to the swap tier first and loaded back on its return
+    preempt_mode: str = "recompute"
     # KV swap tier for paused requests (LAMPS Swap: vllm_ext/swap, docs/lamps_swap.md): a
     # directory turns it on (vllm-ext serve then selects vllm_ext.swap.connector:SwapConnector)
     swap_dir: str = ""
@@ -142,6 +146,7 @@ class ExtConfig:
         _check_range("trail_preempt_fraction", self.trail_preempt_fraction, 0.0)
         _check_range("trail_tail_factor", self.trail_tail_factor, 0.0)
         _check_choice("tool_handling", self.tool_handling, TOOL_HANDLINGS)
+        _check_choice("preempt_mode", self.preempt_mode, PREEMPT_MODES)
         _check_range("tool_timeout_s", self.tool_timeout_s, 0.001)
         _check_range("tool_max_calls", self.tool_max_calls, 0)
         _check_range("lamps_starvation_steps", self.lamps_starvation_steps, 1)
@@ -196,9 +201,10 @@ class ExtConfig:
     def check_swap(self) -> "ExtConfig":
         """Swap handling needs the swap tier (checked by `vllm-ext serve` and on a live change;
         an engine configured otherwise discards instead, logged). Returns self."""
-        if self.tool_handling == "swap" and not self.swap_dir:
-            raise ExtConfigError(f"{flag_name('tool_handling')} swap needs the swap tier: "
-                                 f"start the server with {flag_name('swap_dir')} DIR")
+        for key in ("tool_handling", "preempt_mode"):
+            if getattr(self, key) == "swap" and not self.swap_dir:
+                raise ExtConfigError(f"{flag_name(key)} swap needs the swap tier: start the "
+                                     f"server with {flag_name('swap_dir')} DIR")
         return self
 
     def live_dict(self) -> dict[str, Any]:

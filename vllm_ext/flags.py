@@ -10,7 +10,7 @@ import argparse
 import os
 
 from vllm_ext.config import (BRANCH_MODES, KV_BITS, KV_PARTITIONS, MOE_ROUTERS, POLICIES,
-                             TOOL_HANDLINGS, ExtConfig)
+                             PREEMPT_MODES, TOOL_HANDLINGS, ExtConfig)
 from vllm_ext.config import parse_laser_bands
 from vllm_ext.server.admin import TOKEN_ENV
 
@@ -69,6 +69,10 @@ def _add_tool_flags(g) -> None:
                         "it, free it (recompute on resume), swap it to the disk tier "
                         "(needs --ext-swap-dir), or least waste per call (policy lamps "
                         "implies min_waste; swap is a choice only with the tier)")
+    g.add_argument("--ext-preempt-mode", choices=PREEMPT_MODES, default=d.preempt_mode,
+                   help="KV of a preempted request: recompute it on return (vLLM's way; the "
+                        "prefix cache gives back unevicted blocks) or swap it to the disk "
+                        "tier first (needs --ext-swap-dir; docs/lamps_swap.md)")
     g.add_argument("--ext-swap-dir", default=d.swap_dir, metavar="DIR",
                    help="turn on the KV swap tier for paused requests: one slot file per "
                         "worker in DIR (adds --kv-transfer-config for vllm_ext's "
@@ -224,6 +228,7 @@ def ext_config_from_args(ns: argparse.Namespace) -> ExtConfig:
         "kv_bits": ns.ext_kv_bits,
         "kv_partition": ns.ext_kv_partition,
         "tool_handling": ns.ext_tool_handling,
+        "preempt_mode": ns.ext_preempt_mode,
         "tools": ns.ext_tools,
         "tool_latency": ns.ext_tool_latency,
         "tool_http_base": ns.ext_tool_http_base,

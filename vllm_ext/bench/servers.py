@@ -75,6 +75,8 @@ def running_server(kind: str, model: str, extra: str, log_path: Path, timeout_s:
     env = {**os.environ, **(env or {})}
     if "--kv-cache-memory-bytes" not in extra:  # the legacy env var would override the flag
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    else:  # ... so an explicit size drops it (tests/conftest.py sets it for every test)
+        env.pop("VLLM_CPU_KVCACHE_SPACE", None)
     log = open(log_path, "w")
     proc = subprocess.Popen(server_argv(kind, model, port, extra), stdout=log,
                             stderr=subprocess.STDOUT, env=env)

@@ -125,8 +125,7 @@ class ToolPauses:
         held, why = 0, "the swap tier is off (--ext-swap-dir)"
         if tier is not None:
             try:
-                (block_ids,) = sched.kv_cache_manager.get_block_ids(request.request_id)
-                held = tier.swap_out(request, list(block_ids))
+                held = tier.save_request(sched.kv_cache_manager, request)
                 why = tier.stats().get("disabled_reason") or "no full block to swap"
             except Exception as exc:  # never into the engine: a failing tier is a discard
                 why = f"{type(exc).__name__}: {exc}"

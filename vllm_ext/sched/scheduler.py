@@ -41,6 +41,7 @@ from vllm_ext.config import ExtConfig
 from vllm_ext.sched.build import build_policy
 from vllm_ext.sched.lamps import LampsPolicy
 from vllm_ext.sched.pauses import ToolPauses, extra_args
+from vllm_ext.sched.preempt_swap import PreemptReturns
 from vllm_ext.sched.policy import TRUE_LEN_KEY, FcfsPolicy, RequestView
 from vllm_ext.sched.stats import SchedStats
 from vllm_ext.sched.step_cost import StepCostFit
@@ -95,6 +96,7 @@ class _PredictiveMixin:
         self.ext_preempt_cause = "kv_pressure"  # "policy" while _preempt_for preempts
         self.ext_step_cost = StepCostFit()
         self.ext_pauses = ToolPauses()  # requests paused for a tool call (LAMPS)
+        self.ext_returns = PreemptReturns()  # preempted requests: swap, recompute on return
         self.ext_telemetry = SchedulerTelemetry.build(self.ext_config)  # or None
         self.ext_last_update: float | None = None  # perf_counter of the last busy step's end
         # starvation bound: the next time a running / waiting request becomes overdue
@@ -148,22 +150,20 @@ class _PredictiveMixin:
         (victims only get shorter and less preemptible)."""
         if self.ext_telemetry is not None:  # hot-prefix hint (vllm_ext.telemetry.engine)
             self.ext_telemetry.before_schedule(self.waiting)
-        if not self.ext_policy.reorders:
-            output = super().schedule(*args, **kwargs)
-            self.ext_pauses.after_schedule(output)
-            return output
-        self.ext_now = time.time()  # the clock of request.arrival_time
-        if (self.ext_running_seen != self._running_ids()
-                or self.ext_now >= min(self.ext_due.values())):  # a request became overdue
-            self.ext_dirty = self.ext_waiting_dirty = True
-        if self.ext_dirty:
-            try:
-                self._apply_policy()
-            except Exception:
-                self._fall_back("ordering")
-            self.ext_dirty = False
+        if self.ext_policy.reorders:
+            self.ext_now = time.time()  # the clock of request.arrival_time
+            if (self.ext_running_seen != self._running_ids()
+                    or self.ext_now >= min(self.ext_due.values())):  # a request is overdue
+                self.ext_dirty = self.ext_waiting_dirty = True
+            if self.ext_dirty:
+                try:
+                    self._apply_policy()
+                except Exception:
+                    self._fall_back("ordering")
+                self.ext_dirty = False
         output = super().schedule(*args, **kwargs)
         self.ext_pauses.after_schedule(output)
+        self.ext_returns.after_schedule(output)
         self.ext_running_seen = self._running_ids()
         return output
 
@@ -213,6 +213,7 @@ class _PredictiveMixin:
         self.ext_predictions.pop(req_id, None)
         self.ext_waiting_keys.pop(req_id, None)
         self.ext_pauses.forget(request)
+        self.ext_returns.forget(req_id)
         if self.ext_telemetry is not None:
             self.ext_telemetry.forget(req_id)
         forget = getattr(self.ext_policy, "forget", None)
@@ -222,6 +223,7 @@ class _PredictiveMixin:
 
     def _preempt_request(self, request: Request, *args, **kwargs) -> None:
         self.ext_stats.count_preemption(self.ext_preempt_cause)
+        self.ext_returns.on_preempt(self, request, self.ext_config.preempt_mode, tier_of(self))
         return super()._preempt_request(request, *args, **kwargs)
 
     # ---- live configuration and stats (EngineCore.ext_scheduler_call) ----------------------
@@ -277,6 +279,7 @@ class _PredictiveMixin:
                 "swap_pending": tier_of(self) is not None and tier_of(self).has_pending_push_work(),
                 "per_request": {"predictions": len(self.ext_predictions),
                                 "waiting_keys": len(self.ext_waiting_keys),
+                                "preempt_context": len(self.ext_returns.context),
                                 **self.ext_pauses.sizes(), **policy}}
 
     def ext_get_stats(self) -> dict:
@@ -288,7 +291,7 @@ class _PredictiveMixin:
             tools["recompute_tokens"] += failed
         return {**self.ext_stats.to_dict(), "policy": self.ext_policy.name,
                 "kv_bits": self.ext_config.kv_bits, "step_cost": self.ext_step_cost.to_dict(),
-                "tools": tools, "swap": swap}
+                "tools": tools, "swap": swap, "preempt": self.ext_returns.to_dict()}
 
     def _guard(self, fn, *args) -> None:
         try:

@@ -155,6 +155,12 @@ class SwapConnector(KVConnectorBase_V1):
         n = min(request.num_computed_tokens // bs, len(request.block_hashes), len(block_ids))
         return self.index.swap_out(list(request.block_hashes[:n]), block_ids[:n]) * bs
 
+    def save_request(self, kv_cache_manager, request) -> int:
+        """`swap_out` of `request`'s blocks as `kv_cache_manager` holds them (a tool pause or
+        a preemption, just before vLLM frees them); returns the tokens the tier holds."""
+        (block_ids,) = kv_cache_manager.get_block_ids(request.request_id)
+        return self.swap_out(request, list(block_ids))
+
     def swap_s_per_token(self) -> float | None:
         return self.index.s_per_token(self._prior_mb_s) if self.index is not None else None
 
