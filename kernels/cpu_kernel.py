@@ -19,6 +19,7 @@ import logging
 import os
 import platform
 import threading
+import weakref
 from pathlib import Path
 
 import torch
@@ -29,8 +30,8 @@ from vllm_ext.kernels.reference import hack_attention_ref
 
 logger = logging.getLogger("vllm_ext")
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("hack_attn.cpp", "hack_write.cpp")
-HEADERS = ("hack_simd.h", "hack_lowbit.h")
+SOURCES = ("hack_attn.cpp", "hack_write.cpp", "hack_bind.cpp")
+HEADERS = ("hack_attn.h", "hack_simd.h", "hack_lowbit.h")
 LDFLAGS = ["-fopenmp"]
 
 
@@ -77,11 +78,12 @@ def _build():
     name = f"hack_cpu_{_build_key()}"
     build_dir = cache_dir() / name
     build_dir.mkdir(parents=True, exist_ok=True)
-    load(name=name, sources=[str(CSRC / s) for s in SOURCES],
+    mod = load(name=name, sources=[str(CSRC / s) for s in SOURCES],
          extra_cflags=cflags() + [f"-DHACK_OPS_NS={name}"], extra_ldflags=LDFLAGS,
          extra_include_paths=[str(CSRC)], build_directory=str(build_dir),
-         is_python_module=False, verbose=False)
-    return getattr(torch.ops, name)
+         is_python_module=True, verbose=False)
+    mod.write = getattr(torch.ops, name).write  # registered by the same library
+    return mod
 
 
 def load_extension():
@@ -126,21 +128,57 @@ def _attn_io(x: torch.Tensor) -> torch.Tensor:
     return x if ok else x.float().contiguous()
 
 
+# Handles (checked once in C++, hack_bind.cpp) per HackCache (one per layer) and per HackBatch
+# (one per step), keyed by id() and dropped with their object; valid while the object still
+# holds the same tensors (checked by identity on every call).
+_CACHE_H: dict[int, tuple] = {}
+_BATCH_H: dict[int, tuple] = {}
+
+
+def _forget(table: dict, key: int):
+    return lambda _ref: table.pop(key, None)
+
+
+def _cache_handle(ext, c: HackCache):
+    h = _CACHE_H.get(id(c))
+    if h is not None and h[0]() is c and h[1] is ext and h[2] is c.pages and h[3] is c.stage \
+            and h[4] is c.sinks and h[5] is c.layout and h[6] == c.block_size:
+        return h[7]
+    k = id(c)
+    handle = ext.CacheH(c.pages, c.stage, c.sinks, layout_args(c))
+    _CACHE_H[k] = (weakref.ref(c, _forget(_CACHE_H, k)), ext, c.pages, c.stage, c.sinks,
+                   c.layout, c.block_size, handle)
+    return handle
+
+
+def _batch_handle(ext, b: HackBatch):
+    h = _BATCH_H.get(id(b))
+    if h is not None and h[0]() is b and h[1] is ext and h[2] is b.block_table \
+            and h[3] is b.seq_lens and h[4] is b.query_start_loc and h[5] is b.stage_slot \
+            and h[6] is b.sink_slot:
+        return h[7]
+    meta = (b.block_table, b.seq_lens, b.query_start_loc, b.stage_slot, b.sink_slot)
+    if not all(t.dtype == torch.int32 and t.stride(-1) == 1 for t in meta):
+        return ext.BatchH(*(_i32(t) for t in meta))  # HackBatch promises int32; be lenient
+    k = id(b)
+    handle = ext.BatchH(*meta)
+    _BATCH_H[k] = (weakref.ref(b, _forget(_BATCH_H, k)), ext, *meta, handle)
+    return handle
+
+
 def hack_attention_kernel(ext, q: torch.Tensor, cache: HackCache, batch: HackBatch, scale: float,
                           out: torch.Tensor | None = None,
                           max_splits: int = MAX_SPLITS) -> torch.Tensor:
     """The extension's attention; ``out`` (fp32/bf16/fp16, any row strides) is written in place
     (the kernel reads q and writes out in their own dtypes) and returned."""
-    q = _attn_io(q)
     if out is None:
         out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-    o = _attn_io(out)
-    b = batch
-    meta = (b.block_table, b.seq_lens, b.query_start_loc, b.stage_slot, b.sink_slot)
-    if not all(t.dtype == torch.int32 for t in meta):  # HackBatch promises int32; be lenient
-        meta = tuple(_i32(t) for t in meta)
-    ext.attention(q, o, cache.pages, cache.stage, cache.sinks, *meta, layout_args(cache),
-                  float(scale), int(max_splits))
+    ch, bh = _cache_handle(ext, cache), _batch_handle(ext, batch)
+    if ext.attention(q, out, ch, bh, scale, max_splits):
+        return out
+    o = _attn_io(out)  # an odd dtype or layout: convert, then copy back
+    if not ext.attention(_attn_io(q), o, ch, bh, scale, max_splits):
+        raise RuntimeError("hack_cpu.attention: q/out must be [T, Hq, D] CPU tensors")
     if o is not out:
         out.copy_(o)
     return out
@@ -178,7 +216,7 @@ def write_cpu(cache: HackCache, plan, key: torch.Tensor, value: torch.Tensor) ->
 def hack_attention_cpu(q: torch.Tensor, cache: HackCache, batch: HackBatch, scale: float,
                        out: torch.Tensor | None = None) -> torch.Tensor:
     """HACK attention on CPU: the fused kernel, else (no compiler / ``ref``) the torch reference."""
-    ext = None if use_reference() else load_extension()
+    ext = None if use_reference() else (_state.get("ext") or load_extension())
     if ext is None:
         return hack_attention_ref(q, cache, batch, scale, out)
     return hack_attention_kernel(ext, q, cache, batch, scale, out)

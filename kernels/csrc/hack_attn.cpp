@@ -11,13 +11,13 @@
 // Records are read in place through the block table and unpacked into a per-partition int16
 // (K) / fp32 (V) scratch shared by the tile's query rows.
 #include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
-#include <torch/library.h>
+#include <c10/util/Half.h>
 
 #include <memory>
 #include <vector>
 
+#include "hack_attn.h"
 #include "hack_lowbit.h"
 #include "hack_simd.h"
 
@@ -26,31 +26,9 @@ namespace {
 
 constexpr int SINK = 4, VG = 32, BM = 32;  // sink tokens, V group, query rows per tile
 
-struct Lay {
-  int bits, D, Pi, RB, BS, row;
-  int64_t off_kc, off_vc, off_ks, off_km, off_vs, off_vm, off_ksum, off_vsum;
-};
-
 struct Item {
   int r, h, row0, nrows, p0, p1, split;  // partitions [p0, p1); split index within its tile
   bool dense;                             // this split also attends sinks and the open part
-};
-
-struct Ctx {
-  Lay L;
-  int H, Hq, QG;
-  float scale;
-  const void* q;
-  int q_type;  // 0 fp32, 1 bf16, 2 fp16
-  int64_t s_qt, s_qh;
-  const uint8_t* pages;
-  int64_t s_pb, s_ph, s_pp;
-  const uint16_t* stage;
-  int64_t s_ss, s_sh;
-  const uint16_t* sinks;
-  int64_t s_ks, s_kh;
-  const int32_t *bt, *seq, *qsl, *sslot, *kslot;
-  int64_t s_bt;
 };
 
 struct Acc {  // online-softmax state of one tile: m, l, acc [BM][D]
@@ -229,42 +207,8 @@ void run_item(const Ctx& C, const Item& it, Acc& A, float* q_tile, Scratch& S) {
 
 }  // namespace
 
-// q, out: fp32 [T, Hq, D] contiguous. lay: bits, D, Pi, RB, BS, row, 8 field offsets.
-void attention(const at::Tensor& q, const at::Tensor& out, const at::Tensor& pages,
-               const at::Tensor& stage, const at::Tensor& sinks, const at::Tensor& block_table,
-               const at::Tensor& seq_lens, const at::Tensor& qsl, const at::Tensor& stage_slot,
-               const at::Tensor& sink_slot, c10::IntArrayRef lay, double scale,
-               int64_t max_splits) {
-  auto ftype = [](const at::Tensor& t) {
-    const auto st = t.scalar_type();
-    TORCH_CHECK(t.dim() == 3 && t.stride(2) == 1 &&
-                (st == at::kFloat || st == at::kBFloat16 || st == at::kHalf),
-                "hack_cpu.attention: q/out [T, Hq, D], fp32/bf16/fp16, unit stride on D");
-    return st == at::kFloat ? 0 : st == at::kBFloat16 ? 1 : 2;
-  };
-  const int o_type = ftype(out);
-  TORCH_CHECK(pages.scalar_type() == at::kByte && pages.dim() == 4 && pages.stride(3) == 1);
-  TORCH_CHECK(stage.scalar_type() == sinks.scalar_type() && stage.stride(3) == 1 &&
-              sinks.stride(3) == 1);
-  const bool bf16 = stage.scalar_type() == at::kBFloat16;
-  TORCH_CHECK(bf16 || stage.scalar_type() == at::kHalf, "16-bit pools must be bf16 or fp16");
-  for (auto* t : {&block_table, &seq_lens, &qsl, &stage_slot, &sink_slot})
-    TORCH_CHECK(t->scalar_type() == at::kInt && t->stride(-1) == 1, "int32 metadata");
-  Ctx C;
-  C.L = Lay{int(lay[0]), int(lay[1]), int(lay[2]), int(lay[3]), int(lay[4]), int(lay[5]),
-            lay[6], lay[7], lay[8], lay[9], lay[10], lay[11], lay[12], lay[13]};
-  C.H = pages.size(1), C.Hq = q.size(1), C.QG = C.Hq / C.H, C.scale = float(scale);
-  C.q = q.data_ptr(), C.q_type = ftype(q), C.s_qt = q.stride(0), C.s_qh = q.stride(1);
-  C.pages = pages.data_ptr<uint8_t>();
-  C.s_pb = pages.stride(0), C.s_ph = pages.stride(1), C.s_pp = pages.stride(2);
-  C.stage = reinterpret_cast<const uint16_t*>(stage.data_ptr());
-  C.s_ss = stage.stride(0), C.s_sh = stage.stride(1);
-  C.sinks = reinterpret_cast<const uint16_t*>(sinks.data_ptr());
-  C.s_ks = sinks.stride(0), C.s_kh = sinks.stride(1);
-  C.bt = block_table.data_ptr<int32_t>(), C.s_bt = block_table.stride(0);
-  C.seq = seq_lens.data_ptr<int32_t>(), C.qsl = qsl.data_ptr<int32_t>();
-  C.sslot = stage_slot.data_ptr<int32_t>(), C.kslot = sink_slot.data_ptr<int32_t>();
-  const int D = C.L.D, Pi = C.L.Pi, R = seq_lens.size(0);
+void attend(const Ctx& C, int64_t max_splits) {
+  const int D = C.L.D, Pi = C.L.Pi, R = C.R;
 
   std::vector<Item> items;  // tiles first, to count them, then split
   for (int r = 0; r < R; ++r) {
@@ -293,8 +237,9 @@ void attention(const at::Tensor& q, const at::Tensor& out, const at::Tensor& pag
   }
   const int64_t W = int64_t(work.size());
   std::vector<float> part(W > tiles ? size_t(W) * BM * (D + 2) : 0);
-  char* o = static_cast<char*>(out.data_ptr());
-  const int64_t s_ot = out.stride(0), s_oh = out.stride(1), o_size = out.element_size();
+  char* o = static_cast<char*>(C.out);
+  const int o_type = C.o_type;
+  const int64_t s_ot = C.s_ot, s_oh = C.s_oh, o_size = o_type == 0 ? 4 : 2;
   auto store = [&](const Item& it, const float* acc, const float* l) {
     const int q0 = C.qsl[it.r];
     for (int i = 0; i < it.nrows; ++i) {
@@ -319,7 +264,7 @@ void attention(const at::Tensor& q, const at::Tensor& out, const at::Tensor& pag
     q_tile.resize(size_t(BM) * D);
     for (int64_t w = b; w < e; ++w) {
       const Item& it = work[w];
-      if (bf16) run_item<true>(C, it, A, q_tile.data(), S);
+      if (C.bf16) run_item<true>(C, it, A, q_tile.data(), S);
       else run_item<false>(C, it, A, q_tile.data(), S);
       if (W == tiles) { store(it, A.o.data(), A.l); continue; }
       float* dst = part.data() + size_t(w) * BM * (D + 2);
@@ -354,4 +299,3 @@ void attention(const at::Tensor& q, const at::Tensor& out, const at::Tensor& pag
 
 }  // namespace hack
 
-TORCH_LIBRARY(HACK_OPS_NS, m) { m.def("attention", &hack::attention); }

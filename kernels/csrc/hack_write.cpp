@@ -253,4 +253,4 @@ void write(const at::Tensor& pages, const at::Tensor& stage, const at::Tensor& s
 
 }  // namespace hack
 
-TORCH_LIBRARY_FRAGMENT(HACK_OPS_NS, m) { m.def("write", &hack::write); }
+TORCH_LIBRARY(HACK_OPS_NS, m) { m.def("write", &hack::write); }
