@@ -8,8 +8,9 @@
 // Sinks and the open partition are attended in 16-bit from their pools; one online softmax
 // joins the parts. One call per layer for all requests: work items are (request, KV head,
 // query-row tile, context split), run with at::parallel_for; split partials are merged after.
-// Records are read in place through the block table and unpacked into a per-partition int16
-// (K) / fp32 (V) scratch shared by the tile's query rows.
+// Records are read in place through the block table and unpacked once per partition into a
+// scratch shared by the tile's query rows (4/2 bits: K bit planes and V token pairs, u8,
+// hack_lowbit.h; 8 bits: int16 K / fp32 V).
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -86,14 +87,15 @@ void dense_part(const Ctx& C, const Item& it, const float* qt, const int* qpos, 
 
 struct Scratch {  // per thread, sized once per call
   std::vector<int16_t> kc, a16;
-  std::vector<uint8_t> kc8, vp8, a8, b8;
+  std::vector<uint8_t> kc8, vp8, a8, b8, ap;
   std::vector<float> vc, ks, km, ksum, vsT, vmT, vsum, tmp, codes, s, p, b, dotv;
   std::vector<int32_t> dots;
   int D = 0, Pi = 0;
   Scratch(int D_, int Pi_) : D(D_), Pi(Pi_) {
     const int G = D / VG, n = std::max(D, Pi * G);
     kc.resize(size_t(Pi) * D), a16.resize(D), kc8.resize(size_t(Pi) * D);
-    vp8.resize(size_t(Pi) * D), a8.resize(D), b8.resize(Pi), vc.resize(size_t(Pi) * D);
+    vp8.resize(size_t(Pi) * D), a8.resize(D), b8.resize(Pi), ap.resize(128);
+    vc.resize(size_t(Pi) * D);
     ks.resize(D), km.resize(D), ksum.resize(Pi), vsT.resize(size_t(G) * Pi);
     vmT.resize(size_t(G) * Pi), vsum.resize(D), tmp.resize(n), codes.resize(n), s.resize(Pi);
     p.resize(Pi), b.resize(Pi), dotv.resize(VG), dots.resize(Pi);
@@ -116,9 +118,10 @@ void sealed_parts(const Ctx& C, const Item& it, const float* qt, const int* qpos
     const int64_t blk = C.bt[r * C.s_bt + kpos0 / L.BS];
     const uint8_t* rec = C.pages + blk * C.s_pb + it.h * C.s_ph + (kpos0 % L.BS) / Pi * C.s_pp;
 #if HACK_AVX2
-    if (lowbit)
-      unpack_partition_lowbit(rec + L.off_kc, rec + L.off_vc, L.bits, D, Pi, L.row,
-                              S.kc8.data(), S.vp8.data());
+    if (lowbit) {
+      unpack_k_planes(rec + L.off_kc, L.bits, Pi, L.row, S.kc8.data());
+      unpack_v_pairs(rec + L.off_vc, L.bits, D, Pi, L.row, S.vp8.data());
+    }
 #endif
     if (!lowbit)
       for (int t = 0; t < Pi; ++t) {
@@ -148,8 +151,7 @@ void sealed_parts(const Ctx& C, const Item& it, const float* qt, const int* qpos
 #if HACK_AVX2
       if (lowbit) {
         f32_to_u8(S.codes.data(), D, S.a8.data());
-        for (int t = 0; t < Pi; t += 8)
-          kdot8_u8(S.a8.data(), S.kc8.data() + t * D, D, S.dots.data() + t);
+        kdots_lowbit(L.bits, D, S.a8.data(), S.ap.data(), S.kc8.data(), Pi, S.dots.data());
       }
 #endif
       if (!lowbit) {
