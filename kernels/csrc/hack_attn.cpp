@@ -173,7 +173,8 @@ void sealed_parts(const Ctx& C, const Item& it, const float* qt, const int* qpos
 #if HACK_AVX2
         if (lowbit) {
           f32_to_u8(S.codes.data(), Pi, S.b8.data());
-          vdot32_u8(S.vp8.data(), D, g * VG, S.b8.data(), Pi, S.dotv.data());
+          auto* vdot = L.bits == 4 ? vdot32_u8<true> : vdot32_u8<false>;
+          vdot(S.vp8.data(), D, g * VG, S.b8.data(), Pi, S.dotv.data());
         }
 #endif
         if (!lowbit) wsum32(S.vc.data() + g * VG, D, S.codes.data(), Pi, S.dotv.data());

@@ -97,15 +97,30 @@ inline void kdots_lowbit(int bits, int D, const uint8_t* a8, uint8_t* ap,
 #undef HACK_KD
 }
 
-// V codes of one partition -> token pairs interleaved per channel, u8 [Π/2][D][2].
+// V codes of one partition -> token pairs, u8 [Π/2][D][2]: byte 2k, 2k+1 of a pair row are
+// tokens t, t+1 of one channel. 2 bits: channels in order. 4 bits: per 32-channel group the
+// nibble planes of the packed bytes, channels 0, 2, .., 14, 16, .., 30 then 1, 3, .., 31
+// (vdot32_u8<true> puts them back in order).
 inline void unpack_v_pairs(const uint8_t* vcodes, int bits, int D, int Pi, int row,
                            uint8_t* vp) {
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
   for (int t = 0; t < Pi; t += 2) {
     uint8_t* dst = vp + size_t(t / 2) * D * 2;
+    const uint8_t *x0 = vcodes + t * row, *x1 = x0 + row;
     for (int c = 0; c < D; c += 32) {
+      if (bits == 4) {
+        const __m128i a = _mm_loadu_si128((const __m128i*)(x0 + c / 2));
+        const __m128i b = _mm_loadu_si128((const __m128i*)(x1 + c / 2));
+        const __m256i z = _mm256_inserti128_si256(
+            _mm256_castsi128_si256(_mm_unpacklo_epi8(a, b)), _mm_unpackhi_epi8(a, b), 1);
+        _mm256_storeu_si256((__m256i*)(dst + 2 * c), _mm256_and_si256(z, m4));
+        _mm256_storeu_si256((__m256i*)(dst + 2 * c + 32),
+                            _mm256_and_si256(_mm256_srli_epi16(z, 4), m4));
+        continue;
+      }
       __m128i lo0, hi0, lo1, hi1;
-      unpack32(vcodes + t * row, bits, c, lo0, hi0);
-      unpack32(vcodes + (t + 1) * row, bits, c, lo1, hi1);
+      unpack32(x0, bits, c, lo0, hi0);
+      unpack32(x1, bits, c, lo1, hi1);
       _mm_storeu_si128((__m128i*)(dst + 2 * c), _mm_unpacklo_epi8(lo0, lo1));
       _mm_storeu_si128((__m128i*)(dst + 2 * c + 16), _mm_unpackhi_epi8(lo0, lo1));
       _mm_storeu_si128((__m128i*)(dst + 2 * c + 32), _mm_unpacklo_epi8(hi0, hi1));
@@ -114,20 +129,29 @@ inline void unpack_v_pairs(const uint8_t* vcodes, int bits, int D, int Pi, int r
   }
 }
 
-// out[c] = sum_t b[t] * vcode[t][c0 + c], c < 32 (one V group), from the pair layout vp.
-// int16 partial sums take at most 4 token pairs (4 * 2 * 255 * 15 < 2^15), then widen.
+// out[c] = sum_t b[t] * vcode[t][c0 + c], c < 32 (one V group), from the pair layout vp
+// (NIB: the 4-bit plane order). int16 partial sums take at most 4 token pairs
+// (4 * 2 * 255 * 15 < 2^15), then widen.
+template <bool NIB>
 inline void vdot32_u8(const uint8_t* vp, int D, int c0, const uint8_t* b, int Pi, float* out) {
   __m256i acc0 = _mm256_setzero_si256(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
   for (int t0 = 0; t0 < Pi; t0 += 8) {
     __m256i s0 = _mm256_setzero_si256(), s1 = s0;
     for (int t = t0; t < t0 + 8; t += 2) {
       const uint8_t* src = vp + size_t(t / 2) * D * 2 + 2 * c0;
-      const __m256i bb = _mm256_set1_epi16(int16_t(b[t] | (b[t + 1] << 8)));
+      int16_t pair;
+      std::memcpy(&pair, b + t, 2);  // b[t] | b[t + 1] << 8
+      const __m256i bb = _mm256_set1_epi16(pair);
       s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(bb, _mm256_loadu_si256((const __m256i*)src)));
       s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(
                                     bb, _mm256_loadu_si256((const __m256i*)(src + 32))));
     }
-    // s0 lanes: channels [0..7 | 8..15] (the pair layout keeps channel order), s1: 16..31
+    if (NIB) {  // s0: channels [0, 2, .., 14 | 16, .., 30], s1: the odd ones
+      const __m256i u0 = _mm256_unpacklo_epi16(s0, s1), u1 = _mm256_unpackhi_epi16(s0, s1);
+      s0 = _mm256_permute2x128_si256(u0, u1, 0x20);  // [0..7 | 8..15]
+      s1 = _mm256_permute2x128_si256(u0, u1, 0x31);  // [16..23 | 24..31]
+    }
+    // s0 lanes: channels [0..7 | 8..15], s1: 16..31
     acc0 = _mm256_add_epi32(acc0, _mm256_cvtepi16_epi32(_mm256_castsi256_si128(s0)));
     acc1 = _mm256_add_epi32(acc1, _mm256_cvtepi16_epi32(_mm256_extracti128_si256(s0, 1)));
     acc2 = _mm256_add_epi32(acc2, _mm256_cvtepi16_epi32(_mm256_castsi256_si128(s1)));
