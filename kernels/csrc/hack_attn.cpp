@@ -26,6 +26,7 @@ namespace hack {
 namespace {
 
 constexpr int SINK = 4, VG = 32, BM = 32;  // sink tokens, V group, query rows per tile
+constexpr int64_t SERIAL_ROW_TOKENS = 2048;  // less work than this runs on the calling thread
 
 struct Item {
   int r, h, row0, nrows, p0, p1, split;  // partitions [p0, p1); split index within its tile
@@ -224,7 +225,10 @@ void attend(const Ctx& C, int64_t max_splits) {
         items.push_back(Item{r, h, row0, nrows, 0, np, 0, true});
       }
   }
-  const int threads = at::get_num_threads();
+  int64_t row_tokens = 0;  // work estimate: (query row, cached token) pairs
+  for (const Item& it : items) row_tokens += int64_t(it.nrows) * C.seq[it.r];
+  // below ~10 us of work one thread is faster than a fork / join (and waiting for a busy core)
+  const int threads = row_tokens < SERIAL_ROW_TOKENS ? 1 : at::get_num_threads();
   const int64_t tiles = int64_t(items.size());
   std::vector<Item> work;
   std::vector<int> first_split(tiles), n_split(tiles);
@@ -257,7 +261,7 @@ void attend(const Ctx& C, int64_t max_splits) {
       }
     }
   };
-  at::parallel_for(0, W, 1, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, W, threads == 1 ? W : 1, [&](int64_t b, int64_t e) {
     static thread_local std::unique_ptr<Scratch> tls;  // reused across calls
     static thread_local Acc A;
     static thread_local std::vector<float> q_tile;
@@ -277,7 +281,7 @@ void attend(const Ctx& C, int64_t max_splits) {
     }
   });
   if (W == tiles) return;
-  at::parallel_for(0, tiles, 1, [&](int64_t b, int64_t e) {  // merge the splits of each tile
+  at::parallel_for(0, tiles, threads == 1 ? tiles : 1, [&](int64_t b, int64_t e) {  // merge splits
     std::vector<float> acc(size_t(BM) * D), l(BM);
     for (int64_t k = b; k < e; ++k) {
       const Item& it = work[first_split[k]];
