@@ -7,6 +7,10 @@ with ``torch.utils.cpp_extension.load`` into ``$VLLM_EXT_KERNEL_CACHE`` (default
 this CPU's ISA flags. If it cannot build (no compiler, no ninja, ...) one warning line is logged
 and ``hack_attention_cpu`` runs the torch reference instead.
 
+Attention is a pybind11 call (``csrc/hack_bind.cpp``) on two handles checked once, one per
+``HackCache`` and one per ``HackBatch`` (cached by ``id()``, reused while the object holds the
+same tensors), so a call costs ~2 us of Python; ``write`` stays a ``torch.ops`` op.
+
 The same extension applies the step's KV writes in place (``write_cpu``, used by
 ``kv_store.apply_writes`` on CPU tensors; the torch ``apply_writes_ref`` stays the oracle).
 ``VLLM_EXT_HACK_CPU=ref`` selects the torch reference for both (tests, A/B runs).
