@@ -311,7 +311,8 @@ def test_pause_swaps_full_blocks_and_falls_back_to_discard(tmp_path, caplog):
     assert [k for k, _ in conn.build_connector_meta(None).plan.saves] == [b"h0", b"h1", b"h2"]
     assert pauses.resumed(sched, request) and pauses.resuming == {"r": 14}
     pauses.after_schedule(SimpleNamespace(scheduled_new_reqs=[
-        SimpleNamespace(req_id="r", num_computed_tokens=12)]))
+        SimpleNamespace(req_id="r", num_computed_tokens=12)], scheduled_cached_reqs=SimpleNamespace(
+            req_ids=[], resumed_req_ids=set(), num_computed_tokens=[])))
     assert (pauses.recompute_tokens, pauses.reused_tokens) == (2, 12) and not pauses.resuming
     # no tier (plain connector-less engine): discard, logged once, counted
     sched, request, freed = _fake_sched(None)

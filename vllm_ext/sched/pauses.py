@@ -30,6 +30,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from vllm_ext.sched.lamps import PauseCosts, choose_handling
+from vllm_ext.sched.preempt_swap import count_returns, save_or_reason
 from vllm_ext.tools.loop import SESSION_KEY
 
 logger = logging.getLogger("vllm_ext.swap")
@@ -113,22 +114,13 @@ class ToolPauses:
         """A resumed discarded / swapped request is scheduled: count what it recomputes."""
         if not self.resuming:
             return
-        for new in output.scheduled_new_reqs:
-            context = self.resuming.pop(new.req_id, None)
-            if context is not None:
-                reused = min(context, new.num_computed_tokens)
-                self.reused_tokens += reused
-                self.recompute_tokens += context - reused
+        reused, recomputed = count_returns(self.resuming, output)
+        self.reused_tokens += reused
+        self.recompute_tokens += recomputed
 
     def _swap_out(self, sched, tier, request) -> bool:
         """Hand the request's blocks to the tier; False (-> discard, logged once) if it can't."""
-        held, why = 0, "the swap tier is off (--ext-swap-dir)"
-        if tier is not None:
-            try:
-                held = tier.save_request(sched.kv_cache_manager, request)
-                why = tier.stats().get("disabled_reason") or "no full block to swap"
-            except Exception as exc:  # never into the engine: a failing tier is a discard
-                why = f"{type(exc).__name__}: {exc}"
+        held, why = save_or_reason(tier, sched, request)
         if held:
             return True
         self.swap_fallbacks += 1

@@ -37,31 +37,20 @@ class PreemptReturns:
         self.context[request.request_id] = request.num_computed_tokens
         if mode != "swap":
             return
-        held, why = 0, "the swap tier is off (--ext-swap-dir)"
-        if tier is not None:
-            try:
-                held = tier.save_request(sched.kv_cache_manager, request)
-                why = tier.stats().get("disabled_reason") or "no full block to swap"
-            except Exception as exc:  # never into the engine: the victim is recomputed
-                why = f"{type(exc).__name__}: {exc}"
+        held, why = save_or_reason(tier, sched, request)
         if held:
             self.swapped += 1
             self.swapped_tokens += held
-        elif not self.fallback_logged and request.num_computed_tokens >= getattr(
-                getattr(tier, "index", None), "block_size", 1):
+        elif not self.fallback_logged and why != "no full block to swap":
             logger.warning("vllm-ext: --ext-preempt-mode swap falls back to recompute: %s", why)
             self.fallback_logged = True
 
     def after_schedule(self, output) -> None:
         """Victims scheduled again in `output` (new or resumed, by vLLM's runner kind)."""
-        if not self.context:
-            return
-        for req_id, computed in _returned(output):
-            context = self.context.pop(req_id, None)
-            if context is not None:
-                reused = min(context, computed)
-                self.reused_tokens += reused
-                self.recompute_tokens += context - reused
+        if self.context:
+            reused, recomputed = count_returns(self.context, output)
+            self.reused_tokens += reused
+            self.recompute_tokens += recomputed
 
     def forget(self, req_id: str) -> None:
         self.context.pop(req_id, None)
@@ -69,6 +58,26 @@ class PreemptReturns:
     def to_dict(self) -> dict:
         return {"swapped": self.swapped, "swapped_tokens": self.swapped_tokens,
                 "recompute_tokens": self.recompute_tokens, "reused_tokens": self.reused_tokens}
+
+
+def save_or_reason(tier, sched, request) -> tuple[int, str]:
+    """Hand `request`'s blocks to `tier` before vLLM frees them: (tokens held, why none were).
+    Shared by a swapped tool pause and a swapped preemption; never raises."""
+    if tier is None:
+        return 0, "the swap tier is off (--ext-swap-dir)"
+    return tier.save_or_reason(sched.kv_cache_manager, request)
+
+
+def count_returns(context: dict[str, int], output) -> tuple[int, int]:
+    """Pop every request of `context` (id -> tokens it had) that `output` schedules again
+    from the waiting queue; returns (tokens found computed, tokens re-prefilled)."""
+    reused = recomputed = 0
+    for req_id, computed in _returned(output):
+        had = context.pop(req_id, None)
+        if had is not None:
+            reused += min(had, computed)
+            recomputed += had - min(had, computed)
+    return reused, recomputed
 
 
 def _returned(output):

@@ -161,6 +161,15 @@ class SwapConnector(KVConnectorBase_V1):
         (block_ids,) = kv_cache_manager.get_block_ids(request.request_id)
         return self.swap_out(request, list(block_ids))
 
+    def save_or_reason(self, kv_cache_manager, request) -> tuple[int, str]:
+        """`save_request` that never raises into the engine: (tokens held, why none were)."""
+        try:
+            held = self.save_request(kv_cache_manager, request)
+        except Exception as exc:  # the caller falls back (discard / recompute)
+            return 0, f"{type(exc).__name__}: {exc}"
+        return held, "" if held else (self.stats().get("disabled_reason")
+                                      or "no full block to swap")
+
     def swap_s_per_token(self) -> float | None:
         return self.index.s_per_token(self._prior_mb_s) if self.index is not None else None
 
