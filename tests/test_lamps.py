@@ -64,6 +64,15 @@ def test_memory_time_order_and_tool_users():
     pol.call_s = 2.0
     costs = PauseCosts(60, 2.0, 1.0 * 0.01)
     assert pol.memory_time(c) == pytest.approx(base + waste(choose_handling(costs), costs) / 0.01)
+    # with a running batch and a cheap swap tier, the rank charges the swap (the least waste)
+    pol.batch_tokens, pol.swap_s_per_token = 300, 1e-6
+    costs = PauseCosts(60, 2.0, 1.0 * 0.01, 300, 1e-6)
+    assert choose_handling(costs) == "swap"
+    assert pol.memory_time(c) == pytest.approx(base + waste("swap", costs) / 0.01)
+    pol.swap_s_per_token = None  # no tier: swap is never charged
+    costs = PauseCosts(60, 2.0, 1.0 * 0.01, 300)
+    assert pol.memory_time(c) == pytest.approx(
+        base + min(waste("preserve", costs), waste("discard", costs)) / 0.01)
     assert pol.choose_victim(a, [b]) is None  # LAMPS orders admission only
 
 

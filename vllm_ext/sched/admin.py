@@ -29,6 +29,10 @@ class AdminMixin:
         if lamps and done["handling"] is not None:
             self.ext_policy.tool_users.add(self.ext_pauses.sessions[session])
             self.ext_policy.call_s = float(predicted_s)
+            self.ext_policy.batch_tokens = sum(r.num_computed_tokens for r in self.running)
+            tier = tier_of(self)
+            self.ext_policy.swap_s_per_token = (tier.swap_s_per_token() if tier is not None
+                                                else None)
         self.ext_dirty = self.ext_waiting_dirty = True
         return done
 

@@ -15,7 +15,8 @@ Two pure pieces, shared by the engine (`vllm_ext.sched.pauses`) and tests:
 * `LampsPolicy`: the waiting order. A request's rank (lower first) is the memory-time it will
   hold over its remaining life: while decoding r more tokens from context C it holds
   C r + r^2 / 2 token-steps; a request that calls tools also holds, through a call, the least
-  waste above (in token-steps, at the latest call's predicted duration). r is the TRAIL length
+  waste above (in token-steps, at the latest call's predicted duration, batch and swap tier
+  cost, so a tier makes swap a candidate in the rank too). r is the TRAIL length
   prediction (`TrailPolicy.remaining`).
   Starvation guard: a request waiting `starvation_steps` decode steps goes first (LAMPS's
   iteration threshold). The engine re-sorts on events (arrival, resume, predictions) and when
@@ -71,6 +72,8 @@ class LampsPolicy(Policy):
     step_s: float = 0.0                 # decode step (s), kept current by the engine
     recompute_steps_per_token: float = 0.0
     call_s: float = 1.0                 # latest call's predicted duration (engine keeps current)
+    batch_tokens: int = 0               # B at the latest call (engine keeps current)
+    swap_s_per_token: float | None = None  # the swap tier's cost; None: no tier (swap not offered)
     tool_users: set = field(default_factory=set)  # request ids that paused for a call
     name = "lamps"
     reorders = True
@@ -111,7 +114,8 @@ class LampsPolicy(Policy):
         held = c * r + r * r / 2
         if view.request_id in self.tool_users and self.step_s > 0:
             costs = PauseCosts(int(c + r), self.call_s,
-                               self.recompute_steps_per_token * self.step_s)
+                               self.recompute_steps_per_token * self.step_s,
+                               self.batch_tokens, self.swap_s_per_token)
             held += waste(choose_handling(costs), costs) / self.step_s
         return held
 
