@@ -9,7 +9,9 @@ and ``hack_attention_cpu`` runs the torch reference instead.
 
 Attention is a pybind11 call (``csrc/hack_bind.cpp``) on two handles checked once, one per
 ``HackCache`` and one per ``HackBatch`` (cached by ``id()``, reused while the object holds the
-same tensors), so a call costs ~2 us of Python; ``write`` stays a ``torch.ops`` op.
+same tensors), so a call costs ~2 us of Python. The writes are a pybind call too
+(``write_h``) on the cache handle and a plan handle built once per step (the plan is shared by
+the layers); the ``torch.ops`` ``write`` op stays (``write_kernel_op``).
 
 The same extension applies the step's KV writes in place (``write_cpu``, used by
 ``kv_store.apply_writes`` on CPU tensors; the torch ``apply_writes_ref`` stays the oracle).
@@ -20,6 +22,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import operator
 import os
 import platform
 import threading
@@ -188,8 +191,41 @@ def hack_attention_kernel(ext, q: torch.Tensor, cache: HackCache, batch: HackBat
     return out
 
 
+# The last step's plan handle (a step's plan is shared by all layers): (plan, ext, its field
+# tensors, handle, token count). Reused while it is the same plan holding the same tensors.
+_PLAN_H: list = [None] * 5
+
+
+def _plan_handle(ext, plan):
+    """(PlanH, token count) for ``plan``, built once per step."""
+    c = _PLAN_H
+    fields = tuple(plan.__dict__.values())  # int64 views of one tensor (kv_plan / _plan_tensors)
+    if c[0] is plan and c[1] is ext and all(map(operator.is_, fields, c[2])):
+        return c[3], c[4]
+    try:
+        handle = ext.PlanH(list(fields))
+    except RuntimeError as e:  # a plan built elsewhere (bool / non-contiguous fields)
+        if "int64 plan tensors" not in str(e):
+            raise
+        handle = ext.PlanH([t.long().contiguous() for t in fields])
+    c[:] = plan, ext, fields, handle, plan.tok_touch.numel()
+    return handle, c[4]
+
+
 def write_kernel(ext, cache: HackCache, plan, key: torch.Tensor, value: torch.Tensor) -> None:
-    """The extension's ``apply_writes``: same bytes in pages / staging / sinks, in place."""
+    """The extension's ``apply_writes``: same bytes in pages / staging / sinks, in place. One
+    pybind call on the layer's cache handle and the step's plan handle (key / value rows past
+    the plan's tokens are not read, so they are not sliced off)."""
+    ph, n = _plan_handle(ext, plan)
+    dt = cache.stage.dtype
+    if key.dtype != dt or value.dtype != dt or key.stride(-1) != 1 or value.stride(-1) != 1:
+        key, value = (x[:n].to(dt).contiguous() for x in (key, value))
+    ext.write_h(_cache_handle(ext, cache), ph, key, value)
+
+
+def write_kernel_op(ext, cache: HackCache, plan, key: torch.Tensor, value: torch.Tensor) -> None:
+    """The same write through the ``torch.ops`` op (17 tensors + 13 ints parsed per call); kept
+    for A/B timing and as a second route in the tests."""
     n = plan.tok_touch.numel()
     key, value = (x if x.shape[0] == n else x[:n] for x in (key, value))
     if key.dtype != cache.stage.dtype or value.dtype != cache.stage.dtype:
@@ -210,7 +246,7 @@ def write_cpu(cache: HackCache, plan, key: torch.Tensor, value: torch.Tensor) ->
     """Apply the step's writes with the extension; False if it is off or unavailable."""
     if cache.pages.device.type != "cpu" or use_reference():
         return False
-    ext = load_extension()
+    ext = _state.get("ext") or load_extension()  # no lock once built
     if ext is None:
         return False
     write_kernel(ext, cache, plan, key, value)

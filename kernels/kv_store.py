@@ -125,10 +125,14 @@ class _LruPool:
 
 
 class HackPlanner:
-    """Host-side bookkeeping of the staging and sink pools; one ``plan`` per step."""
+    """Host-side bookkeeping of the staging and sink pools; one ``plan`` per step.
 
-    def __init__(self, layout: HackLayout, block_size: int, stage_slots: int, sink_slots: int):
-        self.layout, self.block_size = layout, block_size
+    ``plan`` runs ``kv_plan.plan_fast`` (same outputs and pool state, less Python per request);
+    ``reference=True`` runs the reference loop ``_plan_ref`` instead (tests, A/B timing)."""
+
+    def __init__(self, layout: HackLayout, block_size: int, stage_slots: int, sink_slots: int,
+                 reference: bool = False):
+        self.layout, self.block_size, self.reference = layout, block_size, reference
         self.parts_per_block = block_size // layout.partition
         self.stage, self.sinks = _LruPool(stage_slots), _LruPool(sink_slots)
         self.fill: dict[int, tuple[int, bool]] = {}     # open pid -> (tokens, is partition 0)
@@ -143,6 +147,15 @@ class HackPlanner:
     def plan(self, query_start_loc: list[int], seq_lens: list[int],
              block_table: torch.Tensor) -> tuple[WritePlan, list[int], list[int]]:
         """Returns the write plan and each request's (stage slot, sink slot) for reading."""
+        if self.reference:
+            return self._plan_ref(query_start_loc, seq_lens, block_table)
+        from vllm_ext.kernels.kv_plan import plan_fast
+
+        return plan_fast(self, query_start_loc, seq_lens, block_table)
+
+    def _plan_ref(self, query_start_loc: list[int], seq_lens: list[int],
+                  block_table: torch.Tensor) -> tuple[WritePlan, list[int], list[int]]:
+        """The reference loop (the oracle of ``kv_plan.plan_fast``)."""
         self.step += 1
         Pi, R = self.layout.partition, len(seq_lens)
         nblk = max([(L + self.block_size - 1) // self.block_size for L in seq_lens] + [1])

@@ -20,6 +20,7 @@ byte-identical to the torch ``apply_writes_ref``.
 The one-time JIT build (~15-60 s) lands in the first test; later runs use the cache.
 """
 import logging
+import types
 
 import pytest
 import torch
@@ -154,17 +155,21 @@ def test_reference_selected_by_env(monkeypatch):
 # ---- the write path -------------------------------------------------------------------------
 @pytest.fixture
 def both_write_paths(ext, monkeypatch):
-    """Every step written by the C++ path, checked byte for byte against the torch path."""
+    """Every step written by the C++ path (pybind handles, key / value padded with rows past the
+    plan's tokens as the engine's are; and the torch.ops route), checked byte for byte against
+    the torch path."""
     steps = []
 
     def both(cache, plan, key, value):
-        twin = HackCache(cache.layout, cache.block_size, cache.pages.clone(), cache.stage.clone(),
-                         cache.sinks.clone())
+        twin, op = (HackCache(cache.layout, cache.block_size, cache.pages.clone(),
+                              cache.stage.clone(), cache.sinks.clone()) for _ in range(2))
         kv_store.apply_writes_ref(twin, plan, key, value)
-        ck.write_kernel(ext, cache, plan, key, value)
-        for a, b in ((cache.pages, twin.pages), (cache.stage, twin.stage),
-                     (cache.sinks, twin.sinks)):
-            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+        ck.write_kernel_op(ext, op, plan, key, value)
+        pad = lambda x: torch.cat([x, torch.randn(3, *x.shape[1:]).to(x.dtype)])  # noqa: E731
+        ck.write_kernel(ext, cache, plan, pad(key), pad(value))
+        for c in (cache, op):
+            for a, b in ((c.pages, twin.pages), (c.stage, twin.stage), (c.sinks, twin.sinks)):
+                assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
         steps.append(plan.close_idx.numel() + plan.evict_slot.numel())
     monkeypatch.setattr(test_hack_kernels, "apply_writes", both)
     return steps
@@ -217,3 +222,84 @@ def test_scalar_build_matches_reference(ext, monkeypatch):
             got, want, (q, sim, batch) = _case(scalar, bits, 64, 32, mode, seed=bits)
             _assert_close(got, want)
             _assert_close(ck.hack_attention_kernel(ext, q, sim.cache, batch, 0.125), want)
+
+
+def _pool_state(p: kv_store.HackPlanner):
+    pools = [(list(x.slot.items()), dict(x.last), list(x.free)) for x in (p.stage, p.sinks)]
+    return pools, dict(p.fill), dict(p.sealed_early), p.step
+
+
+def _planner_steps(seed: int, Pi: int, bs: int, stage_slots: int, sink_slots: int, steps: int):
+    """Random scheduler: requests arrive (blocks recycled from finished ones, so stale pool
+    entries are met), prefill in random chunks, decode, pause (their open partitions and sinks
+    get evicted from small pools), sometimes sit in the batch with 0 tokens, finish."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda n: int(torch.randint(n, (1,), generator=g))  # noqa: E731
+    free_blocks, alive, nxt = list(range(1, 200)), {}, 0
+    lay = types.SimpleNamespace(partition=Pi)   # the planner reads only Π (small ones allowed)
+    fast = kv_store.HackPlanner(lay, bs, stage_slots, sink_slots)
+    slow = kv_store.HackPlanner(lay, bs, stage_slots, sink_slots, reference=True)
+    for _ in range(steps):
+        if len(alive) < 7 and rnd(3) == 0:
+            alive[nxt] = {"pos": 0, "prompt": 1 + rnd(3 * Pi), "end": 2 + rnd(5 * Pi),
+                          "blocks": []}
+            nxt += 1
+        ids = sorted(alive)
+        ids = [i for i in ids if rnd(4)] if rnd(3) == 0 else ids   # some pause
+        ids = ids[:max(1, stage_slots - 1)]
+        qsl, lens, table = [0], [], []
+        for i in ids:
+            r = alive[i]
+            left = max(r["prompt"], r["end"]) - r["pos"]
+            if r["pos"] < r["prompt"]:
+                n = 1 + rnd(r["prompt"] - r["pos"])
+            else:
+                n = 0 if rnd(10) == 0 else 1
+            n = max(0, min(n, left))
+            r["pos"] += n
+            while len(r["blocks"]) * bs < r["pos"]:
+                r["blocks"].append(free_blocks.pop(rnd(len(free_blocks))))
+            qsl.append(qsl[-1] + n)
+            lens.append(r["pos"])
+            table.append(r["blocks"])
+        if not ids:
+            continue
+        width = max(len(t) for t in table) + rnd(2)
+        bt = torch.tensor([t + [rnd(50)] * (width - len(t)) for t in table], dtype=torch.int32)
+        yield fast, slow, qsl, lens, bt
+        for i in list(alive):
+            r = alive[i]
+            if r["pos"] >= max(r["prompt"], r["end"]):
+                free_blocks += r["blocks"]
+                del alive[i]
+
+
+@pytest.mark.parametrize("seed,Pi,bs,stage_slots,sink_slots", [
+    (0, 16, 32, 4, 3), (1, 8, 32, 3, 2), (2, 16, 64, 5, 6), (3, 64, 128, 40, 80),
+    (4, 8, 8, 4, 4), (5, 32, 64, 2, 2)])
+def test_fast_planner_matches_reference(seed, Pi, bs, stage_slots, sink_slots):
+    """``kv_plan.plan_fast`` == ``HackPlanner._plan_ref``: the 17 plan tensors, the returned
+    slots and the pools' whole state (dict order included), every step; an exhausted pool
+    raises in both."""
+    n_steps = n_ev = n_close = n_reopen = n_sink = 0
+    for fast, slow, qsl, lens, bt in _planner_steps(seed, Pi, bs, stage_slots, sink_slots, 400):
+        try:
+            want = slow.plan(qsl, lens, bt)
+        except RuntimeError as e:
+            with pytest.raises(RuntimeError, match=str(e)[:20]):
+                fast.plan(qsl, lens, bt)
+            return
+        got = fast.plan(qsl, lens, bt)
+        assert got[1:] == want[1:]
+        for k, v in vars(want[0]).items():
+            w = getattr(got[0], k)
+            assert w.dtype == v.dtype and torch.equal(w, v), k
+        assert _pool_state(fast) == _pool_state(slow)
+        n_steps += 1
+        n_ev += want[0].evict_slot.numel()
+        n_close += want[0].close_idx.numel()
+        n_reopen += int((want[0].touch_reopen > 0).sum())
+        n_sink += want[0].sink_tok.numel()
+    assert n_steps > 100 and n_close and n_sink
+    if stage_slots < 10:
+        assert n_ev and n_reopen

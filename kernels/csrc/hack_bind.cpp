@@ -2,7 +2,9 @@
 //
 // Rule: everything that stays the same across calls is checked once. A CacheH holds one
 // layer's pages / staging / sink tensors and the record layout; a BatchH holds one step's
-// int32 metadata (shared by all layers). attention(q, out, cache, batch, scale, max_splits)
+// int32 metadata (shared by all layers); a PlanH one step's 17 int64 WritePlan tensors (shared
+// by all layers: write_h(cache, plan, key, value) is the torch.ops ``write`` without re-parsing
+// 17 tensors and 13 ints per layer). attention(q, out, cache, batch, scale, max_splits)
 // then only checks q and out (fp32/bf16/fp16, [T, Hq, D], unit stride on D; returns False
 // for anything else, so the caller converts) and runs the kernel with the GIL released. The
 // handles keep their tensors alive; data pointers are read at each call.
@@ -13,11 +15,16 @@
 #include "hack_attn.h"
 
 namespace hack {
+// hack_write.cpp (also registered as the torch.ops ``write``).
+void write(const at::Tensor& pages, const at::Tensor& stage, const at::Tensor& sinks,
+           const at::Tensor& key, const at::Tensor& value, at::TensorList plan,
+           c10::IntArrayRef lay);
 namespace {
 
 struct CacheH {
   at::Tensor pages, stage, sinks;
   Lay L;
+  std::vector<int64_t> wlay;  // write's layout ints: bits, D, Pi, RB, row, 8 offsets
   CacheH(at::Tensor p, at::Tensor st, at::Tensor sk, const std::vector<int64_t>& lay)
       : pages(std::move(p)), stage(std::move(st)), sinks(std::move(sk)) {
     TORCH_CHECK(lay.size() == 14, "hack_cpu: 14 layout ints");
@@ -29,8 +36,25 @@ struct CacheH {
     TORCH_CHECK(pages.device().is_cpu() && stage.device().is_cpu() && sinks.device().is_cpu());
     L = Lay{int(lay[0]), int(lay[1]), int(lay[2]), int(lay[3]), int(lay[4]), int(lay[5]),
             lay[6], lay[7], lay[8], lay[9], lay[10], lay[11], lay[12], lay[13]};
+    wlay = {lay[0], lay[1], lay[2], lay[3], lay[5]};
+    wlay.insert(wlay.end(), lay.begin() + 6, lay.end());
   }
 };
+
+struct PlanH {
+  std::vector<at::Tensor> t;
+  explicit PlanH(std::vector<at::Tensor> ts) : t(std::move(ts)) {
+    TORCH_CHECK(t.size() == 17, "hack_cpu.write: 17 plan tensors");
+    for (const auto& x : t)
+      TORCH_CHECK(x.scalar_type() == at::kLong && x.is_contiguous() && x.device().is_cpu(),
+                  "int64 plan tensors");
+  }
+};
+
+void write_h(const CacheH& c, const PlanH& p, const at::Tensor& key, const at::Tensor& value) {
+  pybind11::gil_scoped_release no_gil;
+  write(c.pages, c.stage, c.sinks, key, value, p.t, c.wlay);
+}
 
 struct BatchH {
   at::Tensor bt, seq, qsl, ss, ks;
@@ -88,5 +112,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<at::Tensor, at::Tensor, at::Tensor, const std::vector<int64_t>&>());
   py::class_<hack::BatchH>(m, "BatchH")
       .def(py::init<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>());
+  py::class_<hack::PlanH>(m, "PlanH").def(py::init<std::vector<at::Tensor>>());
   m.def("attention", &hack::attention);
+  m.def("write_h", &hack::write_h);
 }

@@ -236,6 +236,8 @@ void write(const at::Tensor& pages, const at::Tensor& stage, const at::Tensor& s
     P.push_back(t.data_ptr<int64_t>());
     n.push_back(t.numel());
   }
+  TORCH_CHECK(key.dim() == 3 && value.dim() == 3 && key.size(0) >= n[9] &&
+              value.size(0) >= n[9], "hack_cpu.write: key/value [>= n_tok, H, D]");
   WLay L{int(lay[0]), int(lay[1]), int(lay[2]), int(lay[3]), int(lay[4]),
          {lay[5], lay[6], lay[7], lay[8], lay[9], lay[10], lay[11], lay[12]}};
   auto u16 = [](const at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr()); };
