@@ -84,6 +84,7 @@ class ExtCollector:
                                       value=tools.get("reused_tokens", 0))
             yield from _swap_families(sched.get("swap"), tools.get("swap_fallbacks", 0))
             yield from _preempt_families(sched.get("preempt") or {})
+            yield from _session_families(sched.get("sessions") or {})
             cost = sched.get("step_cost") or {}
             if cost.get("base_s") is not None:
                 fit = GaugeMetricFamily("vllm_ext_step_cost_seconds", "engine step cost fitted "
@@ -200,3 +201,23 @@ def _preempt_families(pre: dict):
     yield CounterMetricFamily("vllm_ext_preempt_swapped", "preemptions whose KV blocks went "
                               "to the swap tier (--ext-preempt-mode swap)",
                               value=pre.get("swapped", 0))
+
+
+def _session_families(ses: dict):
+    """Finished turns kept for their session's next turn (`vllm_ext.sched.sessions`)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    turns = CounterMetricFamily("vllm_ext_session_turns", "finished turns with a session_id "
+                                "by the handling of their KV (--ext-session-keep)",
+                                labels=["handling"])
+    for handling in ("preserve", "discard", "swap"):
+        turns.add_metric([handling], ses.get(handling, 0))
+    yield turns
+    yield CounterMetricFamily("vllm_ext_session_recompute_tokens", "context tokens a "
+                              "session's next turn re-prefilled", value=ses.get("recompute_tokens", 0))
+    yield CounterMetricFamily("vllm_ext_session_reused_tokens", "context tokens a session's "
+                              "next turn found computed (prefix cache, pins, swap tier)",
+                              value=ses.get("reused_tokens", 0))
+    yield GaugeMetricFamily("vllm_ext_session_pinned_blocks", "KV blocks pinned for sessions' "
+                            "next turns", value=ses.get("pinned_blocks", 0))
+

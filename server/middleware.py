@@ -53,6 +53,9 @@ EXT_XARGS = {
     "ext_true_output_len": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
     RETURN_KEY: (lambda v: isinstance(v, bool), "true or false"),
     TOOLS_KEY: (lambda v: isinstance(v, bool), "true or false"),
+    # the client's expected gap (s) to its session's next turn (vllm_ext.sched.sessions)
+    "ext_followup_s": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+                       and v >= 0, "a non-negative number of seconds"),
     BRANCHES_KEY: (lambda v: v in BRANCH_MODES, "one of " + ", ".join(BRANCH_MODES)),
     **{key: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number")
        for key in OVERRIDE_KEYS},

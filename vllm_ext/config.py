@@ -22,6 +22,8 @@ BRANCH_MODES = ("off", "sc", "esc", "duchess")  # n > 1 requests: vllm_ext/branc
 # KV of a request paused for a tool call; "swap" needs the swap tier (swap_dir)
 TOOL_HANDLINGS = ("preserve", "discard", "swap", "min_waste")
 PREEMPT_MODES = ("recompute", "swap")  # a preempted request's KV; "swap" needs swap_dir too
+# KV of a finished turn of a client session (session_id) until its follow-up arrives
+SESSION_KEEPS = ("off", "lamps", "preserve", "swap")
 KV_BITS = (16, 8, 4, 2)
 KV_PARTITIONS = (32, 64, 128)  # HACK: tokens per K quantization partition
 # Settings that may change on a live server between steps (`vllm_ext.server.admin`): the
@@ -30,7 +32,7 @@ KV_PARTITIONS = (32, 64, 128)  # HACK: tokens per K quantization partition
 LIVE_FIELDS = ("policy", "preemption_margin", "max_preemptions_per_request",
                "max_preemptions_per_step", "trail_preempt_fraction", "trail_smoothing",
                "preemption_cost", "trail_tail_factor", "probe_every", "tool_handling",
-               "lamps_starvation_steps", "preempt_mode")
+               "lamps_starvation_steps", "preempt_mode", "session_keep")
 
 
 class ExtConfigError(ValueError):
@@ -72,6 +74,9 @@ class ExtConfig:
     # KV of a preempted request (vllm_ext/sched/preempt_swap.py): vLLM's recompute, or saved
     # to the swap tier first and loaded back on its return
     preempt_mode: str = "recompute"
+    # KV of a finished turn with a session_id (vllm_ext/sched/sessions.py): vLLM's way (off),
+    # the least waste over the predicted gap to the follow-up (lamps), or always pin / swap
+    session_keep: str = "off"
     # KV swap tier for paused requests (LAMPS Swap: vllm_ext/swap, docs/lamps_swap.md): a
     # directory turns it on (vllm-ext serve then selects vllm_ext.swap.connector:SwapConnector)
     swap_dir: str = ""
@@ -147,6 +152,7 @@ class ExtConfig:
         _check_range("trail_tail_factor", self.trail_tail_factor, 0.0)
         _check_choice("tool_handling", self.tool_handling, TOOL_HANDLINGS)
         _check_choice("preempt_mode", self.preempt_mode, PREEMPT_MODES)
+        _check_choice("session_keep", self.session_keep, SESSION_KEEPS)
         _check_range("tool_timeout_s", self.tool_timeout_s, 0.001)
         _check_range("tool_max_calls", self.tool_max_calls, 0)
         _check_range("lamps_starvation_steps", self.lamps_starvation_steps, 1)
@@ -201,7 +207,7 @@ class ExtConfig:
     def check_swap(self) -> "ExtConfig":
         """Swap handling needs the swap tier (checked by `vllm-ext serve` and on a live change;
         an engine configured otherwise discards instead, logged). Returns self."""
-        for key in ("tool_handling", "preempt_mode"):
+        for key in ("tool_handling", "preempt_mode", "session_keep"):
             if getattr(self, key) == "swap" and not self.swap_dir:
                 raise ExtConfigError(f"{flag_name(key)} swap needs the swap tier: start the "
                                      f"server with {flag_name('swap_dir')} DIR")

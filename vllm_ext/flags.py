@@ -10,7 +10,7 @@ import argparse
 import os
 
 from vllm_ext.config import (BRANCH_MODES, KV_BITS, KV_PARTITIONS, MOE_ROUTERS, POLICIES,
-                             PREEMPT_MODES, TOOL_HANDLINGS, ExtConfig)
+                             PREEMPT_MODES, SESSION_KEEPS, TOOL_HANDLINGS, ExtConfig)
 from vllm_ext.config import parse_laser_bands
 from vllm_ext.server.admin import TOKEN_ENV
 
@@ -73,6 +73,11 @@ def _add_tool_flags(g) -> None:
                    help="KV of a preempted request: recompute it on return (vLLM's way; the "
                         "prefix cache gives back unevicted blocks) or swap it to the disk "
                         "tier first (needs --ext-swap-dir; docs/lamps_swap.md)")
+    g.add_argument("--ext-session-keep", choices=SESSION_KEEPS, default=d.session_keep,
+                   help="KV of a finished turn that names a session_id, until the session's "
+                        "next turn: vLLM's way (off: freed, the prefix cache may keep it), the "
+                        "least waste over the predicted gap (lamps), always pinned (preserve) "
+                        "or swapped to the disk tier (swap; needs --ext-swap-dir)")
     g.add_argument("--ext-swap-dir", default=d.swap_dir, metavar="DIR",
                    help="turn on the KV swap tier for paused requests: one slot file per "
                         "worker in DIR (adds --kv-transfer-config for vllm_ext's "
@@ -229,6 +234,7 @@ def ext_config_from_args(ns: argparse.Namespace) -> ExtConfig:
         "kv_partition": ns.ext_kv_partition,
         "tool_handling": ns.ext_tool_handling,
         "preempt_mode": ns.ext_preempt_mode,
+        "session_keep": ns.ext_session_keep,
         "tools": ns.ext_tools,
         "tool_latency": ns.ext_tool_latency,
         "tool_http_base": ns.ext_tool_http_base,

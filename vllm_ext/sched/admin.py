@@ -56,6 +56,8 @@ class AdminMixin:
                 on_arrival(req_id, request.prompt_token_ids or [])
             if observe is not None and req_id in self.ext_predictions:
                 observe(req_id, self.ext_predictions[req_id], request.num_output_tokens)
+        if config.session_keep == "off":
+            self.ext_sessions.reset(self)
         self.ext_config, self.ext_policy = config, policy
         self.ext_waiting_keys = {}
         self.ext_dirty = self.ext_waiting_dirty = True
@@ -75,9 +77,12 @@ class AdminMixin:
                                        if tier_of(self) is not None else 0),
                 # work queued for the workers: true keeps the engine stepping (must drain)
                 "swap_pending": tier_of(self) is not None and tier_of(self).has_pending_push_work(),
+                # finished turns' blocks pinned for their session's next turn (not free)
+                "session_pinned_blocks": self.ext_sessions.to_dict()["pinned_blocks"],
                 "per_request": {"predictions": len(self.ext_predictions),
                                 "waiting_keys": len(self.ext_waiting_keys),
                                 "preempt_context": len(self.ext_returns.context),
+                                **self.ext_sessions.sizes(),
                                 **self.ext_pauses.sizes(), **policy}}
 
     def ext_get_stats(self) -> dict:
@@ -89,4 +94,5 @@ class AdminMixin:
             tools["recompute_tokens"] += failed
         return {**self.ext_stats.to_dict(), "policy": self.ext_policy.name,
                 "kv_bits": self.ext_config.kv_bits, "step_cost": self.ext_step_cost.to_dict(),
-                "tools": tools, "swap": swap, "preempt": self.ext_returns.to_dict()}
+                "tools": tools, "swap": swap, "preempt": self.ext_returns.to_dict(),
+                "sessions": self.ext_sessions.to_dict()}

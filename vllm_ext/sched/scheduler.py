@@ -41,6 +41,7 @@ from vllm_ext.sched.build import build_policy
 from vllm_ext.sched.pauses import ToolPauses, extra_args
 from vllm_ext.sched.preempt_swap import PreemptReturns
 from vllm_ext.sched.policy import TRUE_LEN_KEY, FcfsPolicy, RequestView
+from vllm_ext.sched.sessions import SessionKeeps
 from vllm_ext.sched.stats import SchedStats
 from vllm_ext.sched.step_cost import StepCostFit
 from vllm_ext.swap.connector import tier_of
@@ -95,6 +96,7 @@ class _PredictiveMixin(AdminMixin):
         self.ext_step_cost = StepCostFit()
         self.ext_pauses = ToolPauses()  # requests paused for a tool call (LAMPS)
         self.ext_returns = PreemptReturns()  # preempted requests: swap, recompute on return
+        self.ext_sessions = SessionKeeps()  # finished turns kept for their session's next one
         self.ext_telemetry = SchedulerTelemetry.build(self.ext_config)  # or None
         self.ext_last_update: float | None = None  # perf_counter of the last busy step's end
         # starvation bound: the next time a running / waiting request becomes overdue
@@ -117,6 +119,7 @@ class _PredictiveMixin(AdminMixin):
             self._guard(on_arrival, request.request_id, request.prompt_token_ids or [])
         self.ext_dirty = self.ext_waiting_dirty = True
         self.ext_pauses.on_add(request)
+        self._keep("on_arrival", request)
         super().add_request(request)
         if self.ext_telemetry is not None:
             self.ext_telemetry.on_request(request, self)
@@ -159,9 +162,11 @@ class _PredictiveMixin(AdminMixin):
                 except Exception:
                     self._fall_back("ordering")
                 self.ext_dirty = False
+        self._keep("before_schedule")
         output = super().schedule(*args, **kwargs)
         self.ext_pauses.after_schedule(output)
         self.ext_returns.after_schedule(output)
+        self._keep("after_schedule", output)
         self.ext_running_seen = self._running_ids()
         return output
 
@@ -212,12 +217,26 @@ class _PredictiveMixin(AdminMixin):
         self.ext_waiting_keys.pop(req_id, None)
         self.ext_pauses.forget(request)
         self.ext_returns.forget(req_id)
+        self._keep("forget", req_id)
+        self._keep("on_finish", request, self.ext_config.session_keep, tier_of(self))
         if self.ext_telemetry is not None:
             self.ext_telemetry.forget(req_id)
         forget = getattr(self.ext_policy, "forget", None)
         if forget is not None:
             self._guard(forget, req_id)
         return super()._free_request(request, *args, **kwargs)
+
+    def _keep(self, hook: str, *args) -> None:
+        """A `SessionKeeps` hook (no-op while --ext-session-keep is off); an error is logged
+        and turns session keeping off (pins released: vLLM's way again)."""
+        if self.ext_config.session_keep == "off":
+            return
+        try:
+            getattr(self.ext_sessions, hook)(self, *args)
+        except Exception:
+            logger.exception("vllm-ext: session keeping failed in %s; turned off", hook)
+            self.ext_config = self.ext_config.with_live_changes({"session_keep": "off"})
+            self.ext_sessions.reset(self)
 
     def _preempt_request(self, request: Request, *args, **kwargs) -> None:
         self.ext_stats.count_preemption(self.ext_preempt_cause)
