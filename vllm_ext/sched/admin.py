@@ -13,6 +13,7 @@ from vllm.logger import init_logger
 
 from vllm_ext.sched.build import build_policy
 from vllm_ext.sched.lamps import LampsPolicy
+from vllm_ext.sched.pauses import pause_costs
 from vllm_ext.swap.connector import tier_of
 
 logger = init_logger("vllm_ext.sched.scheduler")
@@ -28,11 +29,10 @@ class AdminMixin:
                                      "min_waste" if lamps else self.ext_config.tool_handling)
         if lamps and done["handling"] is not None:
             self.ext_policy.tool_users.add(self.ext_pauses.sessions[session])
-            self.ext_policy.call_s = float(predicted_s)
-            self.ext_policy.batch_tokens = sum(r.num_computed_tokens for r in self.running)
-            tier = tier_of(self)
-            self.ext_policy.swap_s_per_token = (tier.swap_s_per_token() if tier is not None
-                                                else None)
+            now = pause_costs(self, 0, float(predicted_s), tier_of(self))
+            self.ext_policy.call_s = now.call_s
+            self.ext_policy.batch_tokens = now.batch_tokens
+            self.ext_policy.swap_s_per_token = now.swap_s_per_token
         self.ext_dirty = self.ext_waiting_dirty = True
         return done
 

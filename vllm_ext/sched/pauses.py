@@ -78,13 +78,8 @@ class ToolPauses:
         request = sched.requests.get(req_id) if req_id else None
         if request is None or request.status != RequestStatus.WAITING_FOR_STREAMING_REQ:
             return {"handling": None, "reason": "not paused"}
-        batch_tokens = sum(r.num_computed_tokens for r in sched.running)
-        step = sched.ext_step_cost
-        batch = len(sched.running)
         tier = _tier(sched)
-        costs = PauseCosts(request.num_computed_tokens, predicted_s,
-                           step.steps_per_token(batch) * step.step_s(batch), batch_tokens,
-                           tier.swap_s_per_token() if tier is not None else None)
+        costs = pause_costs(sched, request.num_computed_tokens, predicted_s, tier)
         handling = choose_handling(costs) if configured == "min_waste" else configured
         if handling == "swap" and not self._swap_out(sched, tier, request):
             handling = "discard"
@@ -156,6 +151,16 @@ class ToolPauses:
         return {"pauses": dict(self.counts), "pause_seconds": self.pause_seconds,
                 "recompute_tokens": self.recompute_tokens, "reused_tokens": self.reused_tokens,
                 "swap_fallbacks": self.swap_fallbacks}
+
+
+def pause_costs(sched, context_tokens: int, seconds: float, tier) -> PauseCosts:
+    """The least-waste rule's inputs now: `context_tokens` idle for `seconds`, the engine's
+    measured recompute cost and running batch, and the tier's swap cost (None: no tier)."""
+    batch = len(sched.running)
+    step = sched.ext_step_cost
+    return PauseCosts(context_tokens, seconds, step.steps_per_token(batch) * step.step_s(batch),
+                      sum(r.num_computed_tokens for r in sched.running),
+                      tier.swap_s_per_token() if tier is not None else None)
 
 
 def _tier(sched):

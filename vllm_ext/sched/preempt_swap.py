@@ -75,8 +75,8 @@ def count_returns(context: dict[str, int], output) -> tuple[int, int]:
     for req_id, computed in _returned(output):
         had = context.pop(req_id, None)
         if had is not None:
-            reused += min(had, computed)
-            recomputed += had - min(had, computed)
+            found = min(had, computed)
+            reused, recomputed = reused + found, recomputed + had - found
     return reused, recomputed
 
 

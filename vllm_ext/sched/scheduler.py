@@ -243,7 +243,6 @@ class _PredictiveMixin(AdminMixin):
         self.ext_returns.on_preempt(self, request, self.ext_config.preempt_mode, tier_of(self))
         return super()._preempt_request(request, *args, **kwargs)
 
-    # ---- live configuration and stats (EngineCore.ext_scheduler_call) ----------------------
     def _guard(self, fn, *args) -> None:
         try:
             fn(*args)

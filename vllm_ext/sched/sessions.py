@@ -26,8 +26,8 @@ import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
-from vllm_ext.sched.lamps import PauseCosts, choose_handling
-from vllm_ext.sched.pauses import extra_args
+from vllm_ext.sched.lamps import choose_handling
+from vllm_ext.sched.pauses import extra_args, pause_costs
 from vllm_ext.sched.preempt_swap import count_returns, save_or_reason
 
 logger = logging.getLogger("vllm_ext.swap")
@@ -77,12 +77,7 @@ class SessionKeeps:
     def _least_waste(self, sched, tier, context: int, gap) -> str:
         if gap is None:
             return "discard"                  # nothing to price the keep with yet
-        batch = len(sched.running)
-        step = sched.ext_step_cost
-        costs = PauseCosts(context, float(gap), step.steps_per_token(batch) * step.step_s(batch),
-                           sum(r.num_computed_tokens for r in sched.running),
-                           tier.swap_s_per_token() if tier is not None else None)
-        return choose_handling(costs)
+        return choose_handling(pause_costs(sched, context, float(gap), tier))
 
     def _pin(self, sched, request, session: str, now: float, gap) -> str:
         (blocks,) = sched.kv_cache_manager.get_blocks(request.request_id).blocks[:1]
