@@ -61,6 +61,7 @@ def _adapter(requests):
     from vllm_ext.sched.pauses import ToolPauses
     from vllm_ext.sched.preempt_swap import PreemptReturns
     from vllm_ext.sched.step_cost import StepCostFit
+    from vllm_ext.sched.sessions import SessionKeeps
 
     class _Base:  # the Scheduler methods the mixin calls through super()
         def update_from_output(self, scheduler_output, model_runner_output):
@@ -88,6 +89,7 @@ def _adapter(requests):
     s.ext_step_cost, s.ext_last_update = StepCostFit(), None
     s.ext_pauses = ToolPauses()
     s.ext_returns = PreemptReturns()
+    s.ext_sessions = SessionKeeps()
     s.ext_now, s.ext_due = 0.0, {"running": float("inf"), "waiting": float("inf")}
     s.ext_waiting_dirty = True
     s.ext_stats, s.ext_config = SchedStats(), ExtConfig(policy="oracle")
