@@ -226,13 +226,19 @@ def check_tool_request(app, body: dict) -> None:
     engine = app.state.engine_client
     loop = install(engine, ExtConfig.from_vllm_config(engine.vllm_config))
     if loop.close_id is None:
-        raise BadExtArgs("vllm_xargs.ext_tools: this model's tokenizer has no single "
-                         "</call> token to pause on")
+        raise BadExtArgs(f"vllm_xargs.{loop.no_pause_token()}")
     from vllm_ext.tools.loop import unsupported
 
     reason = unsupported(body)
     if reason:
         raise BadExtArgs(f"vllm_xargs.{reason}")
+    chat = getattr(app.state, "openai_serving_chat", None)
+    if (body.get("tools") and getattr(chat, "enable_auto_tools", False)
+            and body.get("tool_choice", "auto") != "none"):
+        # vLLM's tool parser would return the calls the loop already ran as tool_calls
+        raise BadExtArgs("vllm_xargs.ext_tools: the server runs these tools itself; with "
+                         "--enable-auto-tool-choice send tool_choice 'none' (the template still "
+                         "lists the tools) or serve without that flag")
 
 
 def check_branch_request(app, body, xargs, tools: bool) -> bool:

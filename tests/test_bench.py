@@ -181,6 +181,20 @@ def test_tool_requests_carry_ext_tools():
     assert "ext_tools" not in request_body("m", plain, True, False).get("vllm_xargs", {})
 
 
+def test_mixed_tool_workload_runs_calls_only_for_tool_tasks():
+    from vllm_ext.bench.loadgen import request_body
+    from vllm_ext.bench.workload import testbed_requests
+
+    reqs = testbed_requests(40, 2.0, seed=3, tools="mixed", kinds=["sort", "add", "lookup"])
+    kinds = {r.meta["kind"] for r in reqs}
+    assert kinds == {"sort", "add", "lookup"}
+    for r in reqs:
+        xargs = request_body("m", r, send_true_len=False, ignore_eos=False).get("vllm_xargs", {})
+        assert xargs.get("ext_tools", False) is (r.meta["kind"] == "lookup")
+    with pytest.raises(ValueError, match="mixed"):
+        testbed_requests(4, 2.0, seed=3, tools="some")
+
+
 def test_counters_parsed_by_label():
     from vllm_ext.bench.live import parse_counters
 

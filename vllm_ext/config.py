@@ -21,6 +21,8 @@ LASER_BAND_KEYS = {"eps_high": float, "entropy_max": float, "pool_threshold": fl
 BRANCH_MODES = ("off", "sc", "esc", "duchess")  # n > 1 requests: vllm_ext/branches
 # KV of a request paused for a tool call; "swap" needs the swap tier (swap_dir)
 TOOL_HANDLINGS = ("preserve", "discard", "swap", "min_waste")
+# how a model writes a tool call (vllm_ext/tools/syntax.py); auto: by the tokenizer's tokens
+TOOL_SYNTAXES = ("auto", "testbed", "hermes")
 PREEMPT_MODES = ("recompute", "swap")  # a preempted request's KV; "swap" needs swap_dir too
 # KV of a finished turn of a client session (session_id) until its follow-up arrives
 SESSION_KEEPS = ("off", "lamps", "preserve", "swap")
@@ -67,6 +69,7 @@ class ExtConfig:
     tool_http_base: str = ""       # loopback base URL of the built-in http tool
     tool_timeout_s: float = 30.0
     tool_max_calls: int = 8
+    tool_syntax: str = "auto"      # testbed <call>..</call> | hermes <tool_call>{json}</tool_call>
     # KV of a paused request: keep it, free it (recompute on resume; the prefix cache may
     # hit), or the least waste per call (InferCept's rule); policy lamps implies min_waste
     tool_handling: str = "preserve"
@@ -151,6 +154,7 @@ class ExtConfig:
         _check_range("trail_preempt_fraction", self.trail_preempt_fraction, 0.0)
         _check_range("trail_tail_factor", self.trail_tail_factor, 0.0)
         _check_choice("tool_handling", self.tool_handling, TOOL_HANDLINGS)
+        _check_choice("tool_syntax", self.tool_syntax, TOOL_SYNTAXES)
         _check_choice("preempt_mode", self.preempt_mode, PREEMPT_MODES)
         _check_choice("session_keep", self.session_keep, SESSION_KEEPS)
         _check_range("tool_timeout_s", self.tool_timeout_s, 0.001)

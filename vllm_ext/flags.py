@@ -10,7 +10,8 @@ import argparse
 import os
 
 from vllm_ext.config import (BRANCH_MODES, KV_BITS, KV_PARTITIONS, MOE_ROUTERS, POLICIES,
-                             PREEMPT_MODES, SESSION_KEEPS, TOOL_HANDLINGS, ExtConfig)
+                             PREEMPT_MODES, SESSION_KEEPS, TOOL_HANDLINGS, TOOL_SYNTAXES,
+                             ExtConfig)
 from vllm_ext.config import parse_laser_bands
 from vllm_ext.server.admin import TOKEN_ENV
 
@@ -101,6 +102,10 @@ def _add_tool_flags(g) -> None:
                    help="a tool call running longer returns an error result")
     g.add_argument("--ext-tool-max-calls", type=int, default=d.tool_max_calls,
                    help="tool calls per request; the request then finishes")
+    g.add_argument("--ext-tool-syntax", choices=TOOL_SYNTAXES, default=d.tool_syntax,
+                   help="how the model writes a call: testbed <call>name arg</call>, hermes "
+                        "<tool_call>{json}</tool_call> (Qwen2.5/Qwen3/Hermes chat with OpenAI "
+                        "tools), auto: the first whose closing marker is one token")
     g.add_argument("--ext-lamps-starvation-steps", type=int, default=d.lamps_starvation_steps,
                    help="lamps: a request waiting this many steps goes first")
 
@@ -240,6 +245,7 @@ def ext_config_from_args(ns: argparse.Namespace) -> ExtConfig:
         "tool_http_base": ns.ext_tool_http_base,
         "tool_timeout_s": ns.ext_tool_timeout,
         "tool_max_calls": ns.ext_tool_max_calls,
+        "tool_syntax": ns.ext_tool_syntax,
         "lamps_starvation_steps": ns.ext_lamps_starvation_steps,
         "swap_dir": os.path.abspath(ns.ext_swap_dir) if ns.ext_swap_dir else "",
         "swap_gib": ns.ext_swap_gib,

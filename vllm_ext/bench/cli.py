@@ -35,8 +35,10 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cv", type=float, default=1.0, help="gamma arrivals: CV of the gaps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--tools", action="store_true",
-                   help="testbed tool tasks only, their calls run in the server (LAMPS)")
+    p.add_argument("--tools", nargs="?", const="only", default=False, choices=("only", "mixed"),
+                   help="testbed tool tasks, their calls run in the server (LAMPS): only them "
+                   "(the default with a bare --tools), or 'mixed' with the other task kinds "
+                   "(--task-kinds chooses and weights them)")
     p.add_argument("--task-kinds", type=lambda s: s.split(","), metavar="K1,K2",
                    help="testbed task kinds only (e.g. add,sub,mul,gcd,sort,count)")
     p.add_argument("--n", type=int, default=1,

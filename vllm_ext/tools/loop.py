@@ -1,9 +1,11 @@
 """The server-side tool loop (LAMPS, arXiv 2410.18248: requests that pause for API calls).
 
 A request sent with ``vllm_xargs: {"ext_tools": true}`` runs its tool calls inside the server:
-it generates until it emits the call marker (``</call>``, a stop token of the turn), pauses in
-the engine, the tool runs off the event loop (thread pool, ``--ext-tool-timeout``), and the
-same engine request resumes with ``</call><result>...</result>`` appended. The client sees one
+it generates until it emits the marker that closes a call (``</call>`` for the embedded model,
+``</tool_call>`` for Qwen/Hermes-style function calls: `vllm_ext.tools.syntax`, a stop token of
+the turn), pauses in the engine, the tool runs off the event loop (thread pool,
+``--ext-tool-timeout``), and the same engine request resumes with the marker and the result in
+the model's format appended (``</call><result>...</result>``). The client sees one
 completion (streamed or not) whose text holds the calls and results, as the testbed's
 client-side harness would have built it; the calls are listed in the response's ``vllm_ext``
 object (`vllm_ext.server.middleware`). A tool that raises or times out becomes an
@@ -30,9 +32,9 @@ from dataclasses import dataclass
 from vllm.logger import init_logger
 
 from vllm_ext.engine_rpc import scheduler_call
-from vllm_ext.testbed.tasks import CALL_CLOSE, CALL_OPEN, RESULT_CLOSE, RESULT_OPEN, parse_call
 from vllm_ext.tools.history import DurationHistory
 from vllm_ext.tools.registry import Registry
+from vllm_ext.tools.syntax import CallSyntaxError, resolve
 from vllm_ext.worker.channel import TAG_KEY
 
 logger = init_logger(__name__)
@@ -71,7 +73,8 @@ def unsupported(fields: dict) -> str | None:
 
 
 class ToolLoop:
-    def __init__(self, engine_client, registry: Registry, timeout_s: float, max_calls: int):
+    def __init__(self, engine_client, registry: Registry, timeout_s: float, max_calls: int,
+                 syntax: str = "auto"):
         self.client = engine_client
         self.plain_generate = engine_client.generate
         self.registry = registry
@@ -81,10 +84,8 @@ class ToolLoop:
         self.pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="vllm-ext-tool")
         self.calls: dict[str, list[CallRecord]] = {}  # by the middleware's request tag
         self.notice_failed = False
-        tokenizer = engine_client.renderer.tokenizer
-        self.tokenizer = tokenizer
-        ids = tokenizer.encode(CALL_CLOSE, add_special_tokens=False) if tokenizer else []
-        self.close_id = ids[0] if len(ids) == 1 else None
+        self.tokenizer = engine_client.renderer.tokenizer
+        self.syntax, self.close_id = resolve(syntax, self.tokenizer)
 
     # ---- the wrapped generate ----------------------------------------------------------------
     def generate(self, prompt, sampling_params, request_id, **kwargs):
@@ -96,8 +97,7 @@ class ToolLoop:
     def check(self, sampling_params) -> None:
         """Why this request cannot run its tools in the server (ValueError), or nothing."""
         if self.close_id is None:
-            raise ValueError(f"ext_tools: the model's tokenizer has no single {CALL_CLOSE} "
-                             "token to pause on")
+            raise ValueError(self.no_pause_token())
         reason = unsupported({key: getattr(sampling_params, key, None) for key in UNSUPPORTED})
         if reason:
             raise ValueError(reason)
@@ -136,12 +136,12 @@ class ToolLoop:
                 if is_call and len(records) < self.max_calls and len(token_ids) < budget:
                     record = await self._run_call("".join(text), session)
                     records.append(record)
-                    result_text = f"{RESULT_OPEN}{record.result}{RESULT_CLOSE}"
+                    feed, shown = self.syntax.result(record.result)
                     if caller_kind == RequestOutputKind.DELTA:
                         yield _output(out, piece.text, piece.token_ids, finished=False)
-                        yield _output(out, result_text, [], finished=False)
-                    text.append(result_text)
-                    result_ids = self.tokenizer.encode(result_text, add_special_tokens=False)
+                        yield _output(out, shown, [], finished=False)
+                    text.append(shown)
+                    result_ids = self.tokenizer.encode(feed, add_special_tokens=False)
                     await chunks.put(StreamingInput(
                         prompt=TokensPrompt(prompt_token_ids=[self.close_id] + result_ids),
                         sampling_params=_turn_params(sampling_params, self.close_id, session,
@@ -161,9 +161,15 @@ class ToolLoop:
             await inner.aclose()
             self._trim_calls()
 
+    def no_pause_token(self) -> str:
+        return (f"ext_tools: this model's tokenizer has no single {self.syntax.close} token to "
+                f"pause on (tool syntax {self.syntax.name}; --ext-tool-syntax)")
+
     async def _run_call(self, text_so_far: str, session: str) -> CallRecord:
-        call = text_so_far[text_so_far.rfind(CALL_OPEN):]
-        name, arg = parse_call(call)
+        try:
+            name, arg = self.syntax.parse(text_so_far)
+        except CallSyntaxError as exc:  # nothing runs: the model reads why
+            return CallRecord("", text_so_far[-200:], f"error: {exc}", 0.0, 0.0, error=True)
         predicted = self.history.predict(name)
         try:  # the scheduler chooses the KV handling for the call before it starts
             await scheduler_call(self.client, "ext_tool_pause", session, name, predicted)
@@ -241,4 +247,4 @@ def install(engine_client, ext) -> ToolLoop:
 
     return wrap_generate(engine_client, "ext_tool_loop", lambda: ToolLoop(
         engine_client, Registry.build(ext.tools, ext.tool_latency, ext.tool_http_base),
-        ext.tool_timeout_s, ext.tool_max_calls))
+        ext.tool_timeout_s, ext.tool_max_calls, ext.tool_syntax))
