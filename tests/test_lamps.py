@@ -2,6 +2,8 @@
 and the per-tool duration history (no engine)."""
 import math
 
+from dataclasses import replace
+
 import pytest
 
 from vllm_ext.sched.lamps import LampsPolicy, PauseCosts, choose_handling, waste
@@ -87,6 +89,10 @@ def test_starvation_threshold_and_priority():
     assert pol.overdue_at(long_late) == pytest.approx(1.0)
     urgent = view("long", arrival=0.0, now=0.5, priority=-1)
     assert pol.sort_key(urgent) < pol.sort_key(short)  # vLLM priority first
+    # back from a tool call at 1.1 after arriving at 0.0: it counts from its return
+    returned = replace(view("long", arrival=0.0, now=1.2), waiting_since=1.1)
+    assert pol.overdue_at(returned) == pytest.approx(2.1)
+    assert pol.sort_key(short_late) < pol.sort_key(returned)
 
 
 def test_remaining_capped_by_max_tokens_without_predictor():

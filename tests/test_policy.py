@@ -260,3 +260,16 @@ def test_priority_levels_come_first_and_are_strict_for_preemption():
     assert p.choose_victim(v("c", 0, 80), [v("r", 1, 20)]).request_id == "r"
     assert p.choose_victim(v("c", 1, 1), [v("r", 0, 90)]) is None
     assert p.choose_victim(v("c", 0, 5), [v("r", 0, 90)]).request_id == "r"  # SRPT within
+
+
+def test_waiting_since_holds_while_the_request_waits_and_restarts_when_it_changes():
+    s, ns = _adapter([("a", 0, 50), ("b", 1, 20)])
+    s.ext_now = 5.0
+    s._sort_waiting()
+    assert {rid: entry[3] for rid, entry in s.ext_waiting_keys.items()} == {"a": 5.0, "b": 5.0}
+    s.ext_now = 9.0
+    s.ext_waiting_keys["a"] = s.ext_waiting_keys["a"][:2] + (8.0, 5.0)  # "a" passed its bound
+    s.requests["b"].num_output_tokens = 12  # "b" ran and came back (a tool call's end)
+    s._sort_waiting()
+    assert s.ext_waiting_keys["a"][3] == 5.0  # re-keyed at its bound, still waiting since 5
+    assert s.ext_waiting_keys["b"][3] == 9.0

@@ -18,8 +18,10 @@ Two pure pieces, shared by the engine (`vllm_ext.sched.pauses`) and tests:
   waste above (in token-steps, at the latest call's predicted duration, batch and swap tier
   cost, so a tier makes swap a candidate in the rank too). r is the TRAIL length
   prediction (`TrailPolicy.remaining`).
-  Starvation guard: a request waiting `starvation_steps` decode steps goes first (LAMPS's
-  iteration threshold). The engine re-sorts on events (arrival, resume, predictions) and when
+  Starvation guard: a request waiting `starvation_steps` decode steps since it entered the
+  waiting queue (arrival, return from a call or a preemption) goes first (LAMPS's iteration
+  threshold; counting from arrival instead put every request back from a call, and at load
+  every request, past it: FCFS). The engine re-sorts on events (arrival, resume, predictions) and when
   a request passes the threshold, not on a fixed period.
   LAMPS orders admission; it does not preempt running requests.
 """
@@ -120,9 +122,12 @@ class LampsPolicy(Policy):
         return held
 
     def overdue_at(self, view: RequestView) -> float:
+        """LAMPS counts the iterations a request has waited since it entered the queue (a
+        request back from a tool call or a preemption starts again), not its age."""
         if self.step_s <= 0:
             return math.inf
-        return view.arrival_time + self.starvation_steps * self.step_s
+        since = view.arrival_time if view.waiting_since is None else view.waiting_since
+        return since + self.starvation_steps * self.step_s
 
     def sort_key(self, view: RequestView) -> tuple:
         if view.now >= self.overdue_at(view):

@@ -39,6 +39,9 @@ class RequestView:
     predictions: dict[str, float] = field(default_factory=dict)
     now: float = 0.0  # the clock arrival_time is on (engine: time.time(); simulator: its own)
     priority: int = 0  # vLLM's request priority: lower runs first, before any policy order
+    # when it entered the waiting queue in its present state (arrival, preemption, a tool
+    # pause's end); None outside the waiting queue and where unknown (simulator)
+    waiting_since: float | None = None
 
     @property
     def true_remaining(self) -> float:

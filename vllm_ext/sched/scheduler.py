@@ -263,7 +263,7 @@ class _PredictiveMixin(AdminMixin):
             self.waiting.extend(ordered)
 
     # ---- policy application ----------------------------------------------------------------
-    def view(self, request: Request) -> RequestView:
+    def view(self, request: Request, waiting_since: float | None = None) -> RequestView:
         true_len = extra_args(request).get(TRUE_LEN_KEY)
         return RequestView(
             request_id=request.request_id,
@@ -276,6 +276,7 @@ class _PredictiveMixin(AdminMixin):
             predictions=self.ext_predictions.get(request.request_id, {}),
             now=self.ext_now,
             priority=request.priority,
+            waiting_since=waiting_since,
         )
 
     def _apply_policy(self) -> None:
@@ -305,13 +306,15 @@ class _PredictiveMixin(AdminMixin):
         self.waiting.extend(ordered)
 
     def _waiting_key(self, request: Request, known: dict) -> tuple:
-        """Cached per request while it waits; entry = (state, key, when it becomes overdue):
-        a key holds until the request's state changes or it passes the starvation bound."""
-        state = (request.num_output_tokens, request.num_preemptions)
+        """Cached per request while it waits; entry = (state, key, when it becomes overdue,
+        since when it waits in this state): a key holds until the request's state changes
+        (it ran, was preempted, paused or resumed) or it passes the starvation bound."""
+        state = (request.num_output_tokens, request.num_preemptions, request.status)
         cached = known.get(request.request_id)
         if cached is None or cached[0] != state or self.ext_now >= cached[2]:
-            view = self.view(request)
-            cached = (state, self.ext_policy.sort_key(view), self._due(view))
+            since = cached[3] if cached is not None and cached[0] == state else self.ext_now
+            view = self.view(request, waiting_since=since)
+            cached = (state, self.ext_policy.sort_key(view), self._due(view), since)
         self.ext_waiting_keys[request.request_id] = cached
         self.ext_due["waiting"] = min(self.ext_due["waiting"], cached[2])
         return cached[1]
