@@ -8,10 +8,11 @@ waits on a tool: the request is gone and every KV block is back.
 """
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from conftest import admin_state, set_tool_handling, wait_drained
+from conftest import admin_state, set_live, set_tool_handling, wait_drained
 
 from vllm_ext.testbed.tasks import check_answer, generate_tasks, prompt_text
 
@@ -140,3 +141,22 @@ def test_disconnect_while_paused_frees_everything(server, handling):
     assert now["per_request"]["tool_paused"] == 0 and now["per_request"]["tool_sessions"] == 0
     assert now["paused_sessions"] == 0  # vLLM's slot count for paused sessions is balanced
     set_handling(server, "preserve")
+
+
+def test_lamps_with_peak_admission_serves_every_request_unchanged(server):
+    """lamps (switched live) with --ext-lamps-admission peak: concurrent tool and plain
+    requests all finish with the greedy text they have under fcfs, and nothing is left."""
+    set_handling(server, "preserve")
+    baseline = state(server)["free_blocks"]
+    prompts = [prompt_text(t) for t in TASKS + generate_tasks(4, seed=5, kinds=["sort", "add"])]
+    expected = [complete(server, p).json()["choices"][0]["text"] for p in prompts]
+    set_live(server, TOKEN, policy="lamps", lamps_admission="peak")
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            resps = list(pool.map(lambda p: complete(server, p), prompts * 2))
+    finally:
+        set_live(server, TOKEN, policy="fcfs", lamps_admission="vllm")
+    assert [r.status_code for r in resps] == [200] * len(resps)
+    assert [r.json()["choices"][0]["text"] for r in resps] == expected * 2
+    now = wait_drained(lambda: state(server), baseline)
+    assert now["requests"] == 0 and now["free_blocks"] == baseline

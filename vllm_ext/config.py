@@ -26,6 +26,8 @@ TOOL_SYNTAXES = ("auto", "testbed", "hermes")
 PREEMPT_MODES = ("recompute", "swap")  # a preempted request's KV; "swap" needs swap_dir too
 # KV of a finished turn of a client session (session_id) until its follow-up arrives
 SESSION_KEEPS = ("off", "lamps", "preserve", "swap")
+# lamps: offer vLLM the waiting head whose prompt fits (vLLM's way) or whose predicted peak fits
+LAMPS_ADMISSIONS = ("vllm", "peak")
 KV_BITS = (16, 8, 4, 2)
 KV_PARTITIONS = (32, 64, 128)  # HACK: tokens per K quantization partition
 # Settings that may change on a live server between steps (`vllm_ext.server.admin`): the
@@ -34,7 +36,7 @@ KV_PARTITIONS = (32, 64, 128)  # HACK: tokens per K quantization partition
 LIVE_FIELDS = ("policy", "preemption_margin", "max_preemptions_per_request",
                "max_preemptions_per_step", "trail_preempt_fraction", "trail_smoothing",
                "preemption_cost", "trail_tail_factor", "probe_every", "tool_handling",
-               "lamps_starvation_steps", "preempt_mode", "session_keep")
+               "lamps_starvation_steps", "lamps_admission", "preempt_mode", "session_keep")
 
 
 class ExtConfigError(ValueError):
@@ -74,6 +76,7 @@ class ExtConfig:
     # hit), or the least waste per call (InferCept's rule); policy lamps implies min_waste
     tool_handling: str = "preserve"
     lamps_starvation_steps: int = 100  # lamps: a request waiting this many steps goes first
+    lamps_admission: str = "vllm"      # lamps: "peak" admits by predicted peak KV (admission.py)
     # KV of a preempted request (vllm_ext/sched/preempt_swap.py): vLLM's recompute, or saved
     # to the swap tier first and loaded back on its return
     preempt_mode: str = "recompute"
@@ -160,6 +163,7 @@ class ExtConfig:
         _check_range("tool_timeout_s", self.tool_timeout_s, 0.001)
         _check_range("tool_max_calls", self.tool_max_calls, 0)
         _check_range("lamps_starvation_steps", self.lamps_starvation_steps, 1)
+        _check_choice("lamps_admission", self.lamps_admission, LAMPS_ADMISSIONS)
         _check_range("swap_gib", self.swap_gib, 0.001)
         _check_range("swap_depth", self.swap_depth, 1)
         _check_branches(self)

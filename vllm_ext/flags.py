@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from vllm_ext.config import (BRANCH_MODES, KV_BITS, KV_PARTITIONS, MOE_ROUTERS, POLICIES,
+from vllm_ext.config import (BRANCH_MODES, KV_BITS, LAMPS_ADMISSIONS, KV_PARTITIONS, MOE_ROUTERS, POLICIES,
                              PREEMPT_MODES, SESSION_KEEPS, TOOL_HANDLINGS, TOOL_SYNTAXES,
                              ExtConfig)
 from vllm_ext.config import parse_laser_bands
@@ -108,6 +108,10 @@ def _add_tool_flags(g) -> None:
                         "tools), auto: the first whose closing marker is one token")
     g.add_argument("--ext-lamps-starvation-steps", type=int, default=d.lamps_starvation_steps,
                    help="lamps: a request waiting this many steps goes first")
+    g.add_argument("--ext-lamps-admission", choices=LAMPS_ADMISSIONS, default=d.lamps_admission,
+                   help="lamps: offer vLLM the waiting head whose prompt fits the free KV "
+                        "(vllm) or whose predicted peak, with the running requests' predicted "
+                        "growth, fits (peak)")
 
 
 def _add_branch_flags(g) -> None:
@@ -247,6 +251,7 @@ def ext_config_from_args(ns: argparse.Namespace) -> ExtConfig:
         "tool_max_calls": ns.ext_tool_max_calls,
         "tool_syntax": ns.ext_tool_syntax,
         "lamps_starvation_steps": ns.ext_lamps_starvation_steps,
+        "lamps_admission": ns.ext_lamps_admission,
         "swap_dir": os.path.abspath(ns.ext_swap_dir) if ns.ext_swap_dir else "",
         "swap_gib": ns.ext_swap_gib,
         "swap_depth": ns.ext_swap_depth,

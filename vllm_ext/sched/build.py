@@ -37,7 +37,8 @@ def build_policy(ext: ExtConfig, model_config) -> Policy:
         if ext.policy == "lamps":  # ranks on max_tokens left instead of a prediction
             logger.warning("vllm-ext: lamps without a length probe (%s): remaining = "
                            "max_tokens left", str(exc) or "none found")
-            return LampsPolicy(starvation_steps=ext.lamps_starvation_steps)
+            return LampsPolicy(starvation_steps=ext.lamps_starvation_steps,
+                               admission=ext.lamps_admission)
         logger.warning("vllm-ext: policy %s needs a length probe for this model (%s); "
                        "falling back to FCFS. Train one with `vllm-ext train-probe`.",
                        ext.policy, str(exc) or "no length probe found")
@@ -55,5 +56,6 @@ def build_policy(ext: ExtConfig, model_config) -> Policy:
                         smoothing=ext.trail_smoothing, refine=ext.policy in ("trail", "lamps"),
                         tail_factor=ext.trail_tail_factor, **common)
     if ext.policy == "lamps":
-        return LampsPolicy(lengths=trail, starvation_steps=ext.lamps_starvation_steps)
+        return LampsPolicy(lengths=trail, starvation_steps=ext.lamps_starvation_steps,
+                           admission=ext.lamps_admission)
     return trail

@@ -23,7 +23,9 @@ Two pure pieces, shared by the engine (`vllm_ext.sched.pauses`) and tests:
   threshold; counting from arrival instead put every request back from a call, and at load
   every request, past it: FCFS). The engine re-sorts on events (arrival, resume, predictions) and when
   a request passes the threshold, not on a fixed period.
-  LAMPS orders admission; it does not preempt running requests.
+  LAMPS orders admission; it does not preempt running requests. With admission "peak" the
+  engine offers vLLM only the ranked head that fits the KV pool at its predicted peak
+  (`vllm_ext.sched.admission`).
 """
 from __future__ import annotations
 
@@ -71,6 +73,7 @@ class LampsPolicy(Policy):
 
     lengths: Policy | None = None       # gives remaining(view); TrailPolicy in the engine
     starvation_steps: int = 100
+    admission: str = "vllm"             # "peak": by predicted peak KV (vllm_ext.sched.admission)
     step_s: float = 0.0                 # decode step (s), kept current by the engine
     recompute_steps_per_token: float = 0.0
     call_s: float = 1.0                 # latest call's predicted duration (engine keeps current)

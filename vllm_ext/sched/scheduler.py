@@ -37,6 +37,7 @@ from vllm.v1.request import Request, RequestStatus
 from vllm_ext.compat import changed_targets
 from vllm_ext.config import ExtConfig
 from vllm_ext.sched.admin import AdminMixin
+from vllm_ext.sched.admission import hold_back, restore
 from vllm_ext.sched.build import build_policy
 from vllm_ext.sched.pauses import ToolPauses, extra_args
 from vllm_ext.sched.preempt_swap import PreemptReturns
@@ -163,12 +164,27 @@ class _PredictiveMixin(AdminMixin):
                     self._fall_back("ordering")
                 self.ext_dirty = False
         self._keep("before_schedule")
-        output = super().schedule(*args, **kwargs)
+        held = self._hold_back()
+        try:
+            output = super().schedule(*args, **kwargs)
+        finally:
+            restore(self, held)
         self.ext_pauses.after_schedule(output)
         self.ext_returns.after_schedule(output)
         self._keep("after_schedule", output)
         self.ext_running_seen = self._running_ids()
         return output
+
+    def _hold_back(self) -> list:
+        """lamps with admission "peak": the waiting requests not offered to vLLM this step."""
+        if (getattr(self.ext_policy, "admission", "vllm") != "peak"
+                or not isinstance(self.waiting, FCFSRequestQueue)):
+            return []
+        try:
+            return hold_back(self)
+        except Exception:
+            self._fall_back("admission")
+            return []
 
     def _running_ids(self) -> tuple[str, ...]:
         return tuple(r.request_id for r in self.running)
