@@ -27,6 +27,7 @@ def _request(rid, tokens):
 
 def test_hold_back_and_restore_keep_the_queue_order():
     lengths = {"run": 32.0, "a": 10.0, "b": 300.0, "c": 5.0}
+    sized = []
     waiting = FCFSRequestQueue()
     for rid in ("a", "b", "c"):
         waiting.add_request(_request(rid, 20))
@@ -34,11 +35,12 @@ def test_hold_back_and_restore_keep_the_queue_order():
         block_size=16, waiting=waiting, running=[_request("run", 40)],
         kv_cache_manager=SimpleNamespace(block_pool=SimpleNamespace(
             get_num_free_blocks=lambda: 10)),
-        ext_policy=SimpleNamespace(remaining=lambda view: lengths[view]),
+        ext_policy=SimpleNamespace(remaining=lambda view: sized.append(view) or lengths[view]),
         view=lambda r: r.request_id)
     held = hold_back(sched)
     assert [r.request_id for r in sched.waiting] == ["a"]  # b's peak (20 blocks) does not fit
     assert [r.request_id for r in held] == ["b", "c"]
+    assert sized == ["run", "a", "b"]  # the queue is sized only up to the first that stops
     sched.waiting.prepend_request(_request("preempted", 50))  # what vLLM may do meanwhile
     restore(sched, held)
     assert [r.request_id for r in sched.waiting] == ["preempted", "a", "b", "c"]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Sequence
+from typing import Iterable, Sequence
 
 
 def blocks(tokens: float, block_size: int) -> int:
@@ -29,10 +29,11 @@ def blocks(tokens: float, block_size: int) -> int:
 
 
 def offer_count(free_blocks: int, block_size: int, running: Sequence[tuple[int, float]],
-                waiting: Sequence[tuple[int, float]]) -> int:
+                waiting: Iterable[tuple[int, float]]) -> int:
     """How many of `waiting` (in rank order) to offer this step. Each entry is (tokens now,
     predicted remaining tokens); a running request's growth is its predicted peak in blocks
-    less the blocks its present tokens fill."""
+    less the blocks its present tokens fill. `waiting` is read only up to the first request
+    that does not fit (a generator sizes no more of the queue than that)."""
     headroom = free_blocks - sum(blocks(t + r, block_size) - blocks(t, block_size)
                                  for t, r in running)
     offered = 0
@@ -53,7 +54,7 @@ def hold_back(sched) -> list:
         return request.num_tokens, policy.remaining(sched.view(request))
 
     n = offer_count(sched.kv_cache_manager.block_pool.get_num_free_blocks(), size,
-                    [sized(r) for r in sched.running], [sized(r) for r in sched.waiting])
+                    [sized(r) for r in sched.running], (sized(r) for r in sched.waiting))
     held = []
     while len(sched.waiting) > n:
         held.append(sched.waiting.pop())
