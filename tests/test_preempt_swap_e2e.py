@@ -30,8 +30,12 @@ def server(model_path, tmp_path_factory):
     from vllm_ext.bench.servers import running_server
 
     swap_dir = tmp_path_factory.mktemp("swap")
+    # float32: a recompute re-prefills the victim's context in a batch of another shape, whose
+    # bf16 K/V differ in the last bits from the decode-time ones the tier restores; on the
+    # degenerate ignore_eos tails that flipped a greedy token now and then (CI, 1 run in ~4).
+    # 1310720 bytes = the same 20 blocks of 32 tokens as 655360 in bf16.
     flags = ("--enforce-eager --max-model-len 512 --max-num-seqs 4 --block-size 32 "
-             "--kv-cache-memory-bytes 655360 --max-num-batched-tokens 512 "
+             "--dtype float32 --kv-cache-memory-bytes 1310720 --max-num-batched-tokens 512 "
              f"--ext-swap-dir {swap_dir} --ext-swap-gib 0.01 --ext-swap-depth 4 "
              f"--ext-admin-token {TOKEN}")
     log = tmp_path_factory.mktemp("log") / "server.log"
