@@ -1,6 +1,7 @@
 """Tool-call syntaxes of the server-side tool loop (`vllm_ext.tools.syntax`), and the loop
 driven through a hermes-style (Qwen2.5 / OpenAI tools) call by a scripted engine."""
 import asyncio
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -101,9 +102,9 @@ def test_loop_runs_a_hermes_call_and_feeds_the_chat_templated_result():
     from vllm_ext.testbed.tasks import NAMES, lookup_value
 
     tok, name = _hermes_tokenizer(), NAMES[7]
-    engine = _ScriptedEngine(tok, [
-        f'Let me look. <tool_call>{{"name": "lookup", "arguments": {{"name": "{name}"}}}}</tool_call>',
-        "The value is 4821."])
+    call = json.dumps({"name": "lookup", "arguments": {"name": name}})
+    engine = _ScriptedEngine(tok, [f"Let me look. <tool_call>{call}</tool_call>",
+                                   "The value is 4821."])
     loop = ToolLoop(engine, Registry.build(latency="lookup=0"), timeout_s=5, max_calls=4,
                     syntax="hermes")
     assert loop.syntax is HERMES

@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from vllm_ext.config import (BRANCH_MODES, KV_BITS, LAMPS_ADMISSIONS, KV_PARTITIONS, MOE_ROUTERS, POLICIES,
-                             PREEMPT_MODES, SESSION_KEEPS, TOOL_HANDLINGS, TOOL_SYNTAXES,
-                             ExtConfig)
+from vllm_ext.config import (BRANCH_MODES, KV_BITS, KV_PARTITIONS, LAMPS_ADMISSIONS,
+                             MOE_ROUTERS, POLICIES, PREEMPT_MODES, SESSION_KEEPS, TOOL_HANDLINGS,
+                             TOOL_SYNTAXES, ExtConfig)
 from vllm_ext.config import parse_laser_bands
 from vllm_ext.server.admin import TOKEN_ENV
 

@@ -21,8 +21,8 @@ Two pure pieces, shared by the engine (`vllm_ext.sched.pauses`) and tests:
   Starvation guard: a request waiting `starvation_steps` decode steps since it entered the
   waiting queue (arrival, return from a call or a preemption) goes first (LAMPS's iteration
   threshold; counting from arrival instead put every request back from a call, and at load
-  every request, past it: FCFS). The engine re-sorts on events (arrival, resume, predictions) and when
-  a request passes the threshold, not on a fixed period.
+  every request, past it: FCFS). The engine re-sorts on events (arrival, resume, predictions)
+  and when a request passes the threshold, not on a fixed period.
   LAMPS orders admission; it does not preempt running requests. With admission "peak" the
   engine offers vLLM only the ranked head that fits the KV pool at its predicted peak
   (`vllm_ext.sched.admission`).
