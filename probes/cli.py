@@ -58,7 +58,9 @@ def main(argv: list[str]) -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     from transformers import AutoConfig
 
+    from vllm_ext.branches.confidence import META_KEY
     from vllm_ext.probes.base import model_fingerprint, save_probe
+    from vllm_ext.probes.confidence import fit_confidence
     from vllm_ext.probes.collect import LengthDataset, collect, read_prompts, testbed_prompts
     from vllm_ext.probes.length import train_length_probe
     from vllm_ext.testbed.model import default_model_path
@@ -99,7 +101,9 @@ def main(argv: list[str]) -> None:
 
 
 def train_correctness(args, model: str, config, layers: list[int]) -> None:
+    from vllm_ext.branches.confidence import META_KEY
     from vllm_ext.probes.base import model_fingerprint, save_probe
+    from vllm_ext.probes.confidence import fit_confidence
     from vllm_ext.probes.correctness import (TOOL_FREE_KINDS, BranchDataset, collect_branches,
                                              correctness_tasks, train_correctness_probe)
 
@@ -121,6 +125,10 @@ def train_correctness(args, model: str, config, layers: list[int]) -> None:
     fingerprint = model_fingerprint(config, model)
     archs = (args.arch,) if args.arch else ("linear", "mlp")
     probe, report = train_correctness_probe(data, fingerprint, every, archs, args.seed)
+    combiner, report["confidence"] = fit_confidence(data, probe, every, args.seed)
+    if combiner is not None:  # the server's branch score: probe + token confidence
+        probe.meta[META_KEY] = combiner.to_meta()
+        probe.meta["test_auroc_combined"] = report["confidence"]["test"]["combined"]["auroc"]
     out = Path(args.out)
     if out.is_dir():
         out = out / f"{args.kind}-{fingerprint}.pt"

@@ -49,12 +49,13 @@ class BranchDataset:
     prompt: list[int] = field(default_factory=list)             # per branch: its prompt's index
     output_len: list[int] = field(default_factory=list)         # per branch: N
     meta: list[dict] = field(default_factory=list)              # per branch: kind, answer, got...
+    logprobs: list[np.ndarray] = field(default_factory=list)    # per branch: [N] sampled-token lp
 
     def __len__(self) -> int:
         return len(self.correct)
 
     def add(self, hidden, positions, correct: bool, prompt: int, output_len: int,
-            meta: dict | None = None) -> None:
+            meta: dict | None = None, logprobs=None) -> None:
         if hidden.shape[0] != len(positions):
             raise ValueError(f"{hidden.shape[0]} rows for {len(positions)} positions")
         self.hidden.append(hidden)
@@ -63,6 +64,8 @@ class BranchDataset:
         self.prompt.append(int(prompt))
         self.output_len.append(int(output_len))
         self.meta.append(dict(meta or {}))
+        if logprobs is not None:
+            self.logprobs.append(np.asarray(logprobs, dtype=np.float32))
 
     def save(self, path: str | Path) -> None:
         torch.save(self.__dict__, path)
@@ -386,7 +389,7 @@ def collect_branches(model: str, tasks, layers: list[int], branches: int = 8,
         jobs = [(p, b) for p in range(first, min(first + per_batch, len(tasks)))
                 for b in range(branches)]
         params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                 seed=seed * 1_000_003 + p * branches + b,
+                                 seed=seed * 1_000_003 + p * branches + b, logprobs=0,
                                  extra_args={"ext_tag": f"p{p}b{b}"}) for p, b in jobs]
         outs = llm.generate([prompt_text(tasks[p]) for p, _ in jobs], params, use_tqdm=False)
         rows = llm.collective_rpc("ext_drain_capture")[0]["rows"]
@@ -400,7 +403,8 @@ def collect_branches(model: str, tasks, layers: list[int], branches: int = 8,
             task = tasks[p]
             data.add(hidden[torch.from_numpy(keep)], keep, check_answer(task, piece.text), p, n,
                      {"kind": task.kind, "difficulty": task.difficulty, "answer": task.answer,
-                      "got": parse_answer(piece.text), "finish": piece.finish_reason})
+                      "got": parse_answer(piece.text), "finish": piece.finish_reason},
+                     [entry[tok].logprob for tok, entry in zip(piece.token_ids, piece.logprobs)])
             tokens += n
         elapsed = time.perf_counter() - gen_start
         log(f"{min(first + per_batch, len(tasks))}/{len(tasks)} prompts, {len(data)} branches, "

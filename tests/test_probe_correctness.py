@@ -59,8 +59,13 @@ class FakeLLM:
             n = min(p.max_tokens, 10 + p.seed % 23)
             self.driver.add(req_id, PROMPT_LEN, n, p.extra_args)
             text = f"work\nanswer: {self.answers[prompt] if self.good[req_id] else 'nope'}"
+            assert p.logprobs == 0  # the sampled token's logprob only
+            # a wrong branch sampled one unlikely token (step 3); every other token is likely
+            lps = [-4.0 if (i == 3 and not self.good[req_id]) else -0.1 - 0.01 * (i % 5)
+                   for i in range(n)]
             done.append(SimpleNamespace(outputs=[SimpleNamespace(
-                token_ids=[0] * n, text=text, finish_reason="stop")]))
+                token_ids=[0] * n, text=text, finish_reason="stop",
+                logprobs=[{0: SimpleNamespace(logprob=lp)} for lp in lps])]))
         while self.driver.reqs:
             self.driver.run_step()
         self.driver.run_step()  # reports the last finished requests

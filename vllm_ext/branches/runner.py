@@ -28,6 +28,7 @@ from collections import OrderedDict
 
 from vllm.logger import init_logger
 
+from vllm_ext.branches.confidence import META_KEY, Combiner, Confidence
 from vllm_ext.branches.metrics import TOTALS
 from vllm_ext.branches.rules import CANCELLED, RUNNING, Branch, Step, extract_answer, make_plan
 from vllm_ext.worker.channel import TAG_KEY
@@ -74,6 +75,9 @@ class _Live:
     token_ids: list[int] = dataclasses.field(default_factory=list)
     last: object = None   # its latest RequestOutput
     task: asyncio.Task | None = None
+    conf: Confidence = dataclasses.field(default_factory=Confidence)  # its sampled tokens'
+    p_probe: float | None = None  # the probe's latest P(correct)
+    p_prefill: float | None = None  # ... and its first, at the end of the prompt's prefill
 
 
 class BranchRunner:
@@ -84,6 +88,8 @@ class BranchRunner:
         self.answer_re = re.compile(ext.branch_answer_regex)
         self.stats: OrderedDict[str, dict] = OrderedDict()
         self.probe_missing_logged = False
+        self.combiner: Combiner | None = None
+        self.combiner_read = False
 
     def generate(self, prompt, sampling_params, request_id, **kwargs):
         mode = branch_mode(sampling_params, self.ext)
@@ -117,8 +123,12 @@ class BranchRunner:
                 parent = live[branch.parent]
                 state.prefix_text = parent.prefix_text + "".join(parent.text)
                 state.prefix_ids = parent.prefix_ids + parent.token_ids
+                state.conf = parent.conf.copy()
+                state.p_probe, state.p_prefill = parent.p_probe, parent.p_prefill
             turn = params.clone()
             turn.n, turn.output_kind = 1, RequestOutputKind.DELTA
+            if plan.name == "duchess":  # the sampled token's logprob: token confidence
+                turn.logprobs = 0
             turn.max_tokens = max(1, cap - branch.inherited)
             if params.seed is not None:
                 turn.seed = params.seed + branch.index
@@ -140,6 +150,8 @@ class BranchRunner:
                 launch(branch)
             return step.done
 
+        if plan.name == "duchess":
+            await self._read_combiner()
         done = apply(plan.begin())
         try:
             while not done and any(s.task and not s.task.done() for s in live.values()) \
@@ -158,7 +170,7 @@ class BranchRunner:
                     step = self._take(plan, state, out, every, due)
                     done = (step is not None and apply(step)) or done
                 if due and not done and plan.name == "duchess":  # only duchess reads scores
-                    done = await self._rounds(plan, tag, due, apply) or done
+                    done = await self._rounds(plan, tag, due, live, apply) or done
                 if done:
                     break
         finally:
@@ -178,9 +190,16 @@ class BranchRunner:
         before = branch.tokens
         state.text.append(piece.text)
         state.token_ids.extend(piece.token_ids)
+        state.conf.add(entry[tok].logprob for tok, entry
+                       in zip(piece.token_ids, piece.logprobs or ()) if tok in entry)
         state.last = out
         branch.tokens += len(piece.token_ids)
         if out.finished:
+            if self.combiner is not None and plan.name == "duchess" and state.conf.count:
+                # the vote weight: the score over the whole branch
+                final = self.combiner.score(state.p_probe, state.p_prefill, state.conf)
+                if final is not None:
+                    branch.scores.append(final)
             answer = extract_answer(state.prefix_text + "".join(state.text), self.answer_re)
             return plan.finish(branch.index, answer)
         total = branch.inherited + branch.tokens
@@ -188,13 +207,38 @@ class BranchRunner:
             due.append(branch.index)
         return None
 
-    async def _rounds(self, plan, tag: str, due: list[int], apply) -> bool:
+    async def _read_combiner(self) -> None:
+        """Once: the correctness probe's confidence combiner from the workers (None without
+        one: the probe's value is the score)."""
+        if self.combiner_read:
+            return
+        self.combiner_read = True
+        try:
+            metas = await self.client.collective_rpc("ext_probe_meta", args=("correctness",))
+            meta = next((m for m in metas or [] if m), None) or {}
+            self.combiner = Combiner.from_meta(meta.get(META_KEY))
+        except Exception:
+            logger.exception("vllm-ext: reading the correctness probe's confidence combiner "
+                             "failed; branch scores are the probe's values")
+            self.combiner = None
+        if self.combiner is not None:
+            logger.info("vllm-ext: duchess branch scores: probe + token confidence %s",
+                        self.combiner.weights)
+
+    async def _rounds(self, plan, tag: str, due: list[int], live: dict, apply) -> bool:
         scores = await self._scores(tag)
         done = False
         for index in due:
             if plan.branches[index].state != RUNNING:
                 continue
-            score = scores.get(f"{tag}.b{index}")
+            state = live[index]
+            latest, first = scores.get(f"{tag}.b{index}", (None, None))
+            state.p_probe = latest if latest is not None else state.p_probe
+            if state.p_prefill is None:  # a fork keeps its parent's
+                state.p_prefill = first
+            score = state.p_probe
+            if score is not None and self.combiner is not None:
+                score = self.combiner.score(score, state.p_prefill, state.conf)
             if score is None and plan.name == "duchess" and not self.probe_missing_logged:
                 self.probe_missing_logged = True
                 logger.warning("vllm-ext: no p_correct for branch %s (correctness probe not "
@@ -202,7 +246,8 @@ class BranchRunner:
             done = apply(plan.round(index, score)) or done
         return done
 
-    async def _scores(self, tag: str) -> dict[str, float]:
+    async def _scores(self, tag: str) -> dict[str, tuple[float, float | None]]:
+        """Per branch tag: the probe's latest p_correct and its first (end of prefill)."""
         try:
             results = await self.client.collective_rpc(
                 "ext_get_predictions", args=(None, None, f"{tag}.b"))
@@ -216,8 +261,9 @@ class BranchRunner:
         for worker in results or []:
             for entry in (worker or {}).values():
                 value = (entry.get("values") or {}).get("p_correct")
+                first = (entry.get("first") or {}).get("p_correct")
                 if value is not None and entry.get("tag"):
-                    scores.setdefault(entry["tag"], float(value))
+                    scores.setdefault(entry["tag"], (float(value), first))
         return scores
 
     def _record(self, tag: str, mode: str, plan, answer) -> None:
@@ -267,7 +313,8 @@ def _final_output(state: _Live, first_out):
     result = copy.copy(out)
     result.outputs = [dataclasses.replace(
         piece, index=0, text=state.prefix_text + "".join(state.text),
-        token_ids=state.prefix_ids + state.token_ids)]
+        token_ids=state.prefix_ids + state.token_ids,
+        logprobs=None, cumulative_logprob=None)]  # branches ran with logprobs for confidence
     result.finished = True
     if first_out is not None:
         result.prompt, result.prompt_token_ids = first_out.prompt, first_out.prompt_token_ids

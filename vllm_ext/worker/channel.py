@@ -18,6 +18,7 @@ TAG_KEY = "ext_tag"
 class RequestPredictions:
     tag: str | None
     latest: dict[str, float] = field(default_factory=dict)
+    first: dict[str, float] = field(default_factory=dict)  # at the end of prefill
     steps: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
 
@@ -40,6 +41,8 @@ class PredictionStore:
         if entry is None:
             entry = self.entries[req_id] = RequestPredictions(tag=None)
         entry.latest = values
+        if not entry.steps:
+            entry.first = values
         entry.steps += 1
         if self.keep_history:
             entry.history.append(values)
@@ -52,8 +55,8 @@ class PredictionStore:
         for req_id, entry in list(self.entries.items()):  # a snapshot: records may land meanwhile
             if (tag is not None and entry.tag == tag) or (req_ids and req_id in req_ids) or (
                     tag_prefix and entry.tag and entry.tag.startswith(tag_prefix)):
-                out[req_id] = {"values": entry.latest, "probe_runs": entry.steps,
-                               "tag": entry.tag}
+                out[req_id] = {"values": entry.latest, "first": entry.first,
+                               "probe_runs": entry.steps, "tag": entry.tag}
                 if self.keep_history:
                     out[req_id]["history"] = list(entry.history)
         return out

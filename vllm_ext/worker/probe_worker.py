@@ -284,6 +284,13 @@ class ProbeWorker(_BaseWorker):
         return {"probe_runs": self.ext_probe_runs, "probe_rows": self.ext_probe_rows,
                 "probe_seconds": self.ext_probe_seconds, "probes_loaded": len(self.ext_probes)}
 
+    def ext_probe_meta(self, kind: str) -> dict | None:
+        """The ``meta`` of the loaded probe of `kind` (e.g. the branch runner reads the
+        correctness probe's confidence combiner; its training report left out), None when
+        none is loaded."""
+        probe = next((p for p in getattr(self, "ext_probes", ()) if p.kind == kind), None)
+        return None if probe is None else {k: v for k, v in probe.meta.items() if k != "report"}
+
     def ext_get_predictions(self, tag: str | None = None, req_ids: list[str] | None = None,
                             tag_prefix: str | None = None):
         store = getattr(self, "ext_store", None)
