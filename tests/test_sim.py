@@ -195,3 +195,22 @@ def test_starvation_bound_holds_in_an_adversarial_stream_of_short_arrivals():
     # overdue at its deadline, then served to the end without preemption (+ one short's run)
     assert bounded.finish_s <= bound_s + 200 * cost.step_time(1, 1) + 0.1
     assert bounded.finish_s < starved.finish_s / 3
+
+
+def test_replay_block_calibration_recovers_the_blocks_own_step_cost():
+    """`simulate replay --calibrate-blocks`: a block whose steps took 10 ms with one request
+    decoding and 14 ms with two gives that cost back (prefill slope from the profile)."""
+    import numpy as np
+
+    from vllm_ext.sim.cli import _block_cost
+
+    a = {"send_s": 0.0, "ttft_s": 0.0, "itl_s": [0.010] * 100 + [0.014] * 100, "error": None}
+    b = {"send_s": 0.9, "ttft_s": 0.1, "itl_s": [0.014] * 100 + [0.010] * 100, "error": None}
+    prefill = [(64, 1, 0.020), (128, 1, 0.030), (256, 1, 0.050)]
+    cost, overhead = _block_cost([a, b], prefill)
+    assert cost.step_time(1, 1) == pytest.approx(0.010, rel=0.02)
+    assert cost.step_time(2, 2) == pytest.approx(0.014, rel=0.02)
+    assert cost.per_token_s == pytest.approx(0.030 / 192, rel=1e-6)
+    assert np.isfinite(overhead)
+    with pytest.raises(SystemExit, match="fewer than two"):
+        _block_cost([a], prefill)  # one request: one concurrency only

@@ -117,6 +117,10 @@ def cmd_replay(args) -> None:
 
     profiles = {name: load_profile(path) for name, path in args.config_profile}
     default = load_profile(args.profile)
+    prefill = [tuple(x) for x in json.loads(Path(args.profile).read_text()).get("samples", [])
+               if x[0] != x[1]] if args.calibrate_blocks else []
+    if args.calibrate_blocks and not prefill:
+        raise SystemExit(f"--calibrate-blocks: {args.profile} has no prefill samples")
     recorded = RecordedPredictions.load(args.predictions) if args.predictions else None
     data = json.loads((Path(args.compare) / "compare.json").read_text())
     print(f"{'config':<10}{'rate':>6}{'runs':>5}{'measured (s)':>14}{'simulated (s)':>15}"
@@ -131,11 +135,6 @@ def cmd_replay(args) -> None:
         if (row["config"], row["rate"]) in seen:
             continue
         seen.add((row["config"], row["rate"]))
-        cost, overhead = profiles.get(row["config"], default)
-        slower = float(args.step_scale.get(row["config"], 1.0))
-        cost = StepCost(cost.base_s * slower, cost.per_token_s, cost.per_seq_s * slower)
-        cfg = ReplicaConfig(max_num_seqs=args.max_num_seqs,
-                            max_num_batched_tokens=args.max_num_batched_tokens, cost=cost)
         policy = args.policy_of.get(row["config"], row["config"])
         trail_args = {"margin": args.margin, "tail_factor": args.tail_factor}
         if recorded is not None:
@@ -149,6 +148,12 @@ def cmd_replay(args) -> None:
             recs = [r for r in recs if r["error"] is None][args.warmup:]
             if recorded is not None:
                 _check_recorded(recorded, recs, path)
+            cost, overhead = _block_cost(recs, prefill) if prefill else profiles.get(
+                row["config"], default)
+            slower = float(args.step_scale.get(row["config"], 1.0))
+            cost = StepCost(cost.base_s * slower, cost.per_token_s, cost.per_seq_s * slower)
+            cfg = ReplicaConfig(max_num_seqs=args.max_num_seqs,
+                                max_num_batched_tokens=args.max_num_batched_tokens, cost=cost)
             reqs = [SimRequest(str(r["index"]), r["arrival_s"] + overhead, r["prompt_tokens"],
                                max(1, r["output_tokens"]), max(1, r["output_tokens"]))
                     for r in recs]
@@ -161,6 +166,20 @@ def cmd_replay(args) -> None:
         live_pre = f"{np.mean(counted):.1f}" if counted else "-"
         print(f"{row['config']:<10}{row['rate']:>6.2f}{len(paths):>5}{m:>14.3f}{s_:>15.3f}"
               f"{s_ / m:>10.3f}{live_pre:>14}{np.mean(sim_pre):>13.1f}")
+
+
+def _block_cost(recs: list[dict], prefill: list) -> tuple[StepCost, float]:
+    """The step cost a block ran at: its own decode gaps per concurrency (the machine's speed
+    during that block) with the profile's prefill timings. In-sample for the step cost, so a
+    replay with it checks the queueing and preemption model, not the cost model."""
+    from vllm_ext.sim.profile import fit_served_cost, loaded_decode_samples
+
+    decode = loaded_decode_samples(recs)
+    if len({s[1] for s in decode}) < 2:
+        raise SystemExit("--calibrate-blocks: a block has decode gaps at fewer than two "
+                         "concurrencies (>= 50 gaps each); use per-config profiles instead")
+    cost, overhead, _ = fit_served_cost(prefill + decode)
+    return cost, overhead
 
 
 def _check_recorded(recorded: RecordedPredictions, recs: list[dict], path: Path) -> None:
@@ -257,6 +276,9 @@ def main(argv: list[str]) -> None:
     r.add_argument("--step-scale", type=json.loads, default={},
                    help='JSON map from config name to a factor on its decode step cost, e.g. '
                    '{"trail": 1.03}: what-if for a policy whose own per-step work is that much')
+    r.add_argument("--calibrate-blocks", action="store_true",
+                   help="each block's decode step cost from its own inter-token gaps (prefill "
+                        "timings from --profile): removes the machine's drift within a run")
     r.add_argument("--warmup", type=int, default=0)
     r.add_argument("--policy-of", type=json.loads, default={"stock": "fcfs"},
                    help='JSON map from config name to policy, e.g. {"stock": "fcfs"}')
