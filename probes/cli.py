@@ -104,8 +104,9 @@ def train_correctness(args, model: str, config, layers: list[int]) -> None:
     from vllm_ext.branches.confidence import META_KEY
     from vllm_ext.probes.base import model_fingerprint, save_probe
     from vllm_ext.probes.confidence import fit_confidence
-    from vllm_ext.probes.correctness import (TOOL_FREE_KINDS, BranchDataset, collect_branches,
-                                             correctness_tasks, train_correctness_probe)
+    from vllm_ext.probes.collect import collect_branches
+    from vllm_ext.probes.correctness import (TOOL_FREE_KINDS, BranchDataset, correctness_tasks,
+                                             train_correctness_probe)
 
     every = args.every or 16
     if args.dataset and Path(args.dataset).exists():

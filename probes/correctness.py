@@ -19,12 +19,11 @@ same for all branches of a prompt, so its AUROC measures prompt difficulty only.
 The saved probe (`probes.base` format, kind ``correctness``, output ``p_correct`` through a
 sigmoid, the inputs' standardisation folded into the first layer) is bound to the model's
 fingerprint and loads through the same path as the length probe. Collection runs through vLLM
-with the ProbeWorker in capture mode, like `probes.collect`.
+with the ProbeWorker in capture mode (`probes.collect.collect_branches`).
 """
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -360,54 +359,3 @@ def correctness_tasks(n: int, seed: int, kinds=TOOL_FREE_KINDS, difficulties=(2,
     from vllm_ext.testbed.tasks import generate_tasks
 
     return generate_tasks(n, seed, kinds=kinds, difficulties=difficulties)
-
-
-def collect_branches(model: str, tasks, layers: list[int], branches: int = 8,
-                     max_tokens: int = 400, temperature: float = 1.0, top_p: float = 1.0,
-                     batch: int = 128, keep_every: int = 1, seed: int = 0,
-                     max_seconds: float | None = None, log=print, **llm_kwargs) -> BranchDataset:
-    """Sample `branches` completions of every task through vLLM with the ProbeWorker capturing
-    `layers`; keep the rows at positions j % keep_every == 0 and label each branch with the
-    testbed checker. Stops starting new batches after `max_seconds` (whole prompts only)."""
-    from vllm import LLM, SamplingParams
-
-    from vllm_ext.testbed.tasks import check_answer, parse_answer, prompt_text
-    from vllm_ext.worker.channel import decode_rows
-
-    start_time = time.perf_counter()
-    llm = LLM(model=model, dtype="bfloat16", seed=seed,
-              worker_cls="vllm_ext.worker.probe_worker.ProbeWorker",
-              additional_config={"vllm_ext": {"capture_layers": list(layers)}}, **llm_kwargs)
-    log(f"engine up in {time.perf_counter() - start_time:.0f} s")
-    data = BranchDataset(list(layers))
-    per_batch = max(1, batch // branches)
-    gen_start, tokens = time.perf_counter(), 0
-    for first in range(0, len(tasks), per_batch):
-        if max_seconds is not None and time.perf_counter() - start_time > max_seconds and len(data):
-            log(f"time budget reached after {first} prompts")
-            break
-        jobs = [(p, b) for p in range(first, min(first + per_batch, len(tasks)))
-                for b in range(branches)]
-        params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                 seed=seed * 1_000_003 + p * branches + b, logprobs=0,
-                                 extra_args={"ext_tag": f"p{p}b{b}"}) for p, b in jobs]
-        outs = llm.generate([prompt_text(tasks[p]) for p, _ in jobs], params, use_tqdm=False)
-        rows = llm.collective_rpc("ext_drain_capture")[0]["rows"]
-        for (p, b), out in zip(jobs, outs):
-            hidden = decode_rows(rows[f"p{p}b{b}"])
-            piece = out.outputs[0]
-            n = len(piece.token_ids)
-            if hidden.shape[0] != n:
-                raise RuntimeError(f"capture has {hidden.shape[0]} rows for {n} tokens")
-            keep = np.flatnonzero(np.arange(n) % keep_every == 0)
-            task = tasks[p]
-            data.add(hidden[torch.from_numpy(keep)], keep, check_answer(task, piece.text), p, n,
-                     {"kind": task.kind, "difficulty": task.difficulty, "answer": task.answer,
-                      "got": parse_answer(piece.text), "finish": piece.finish_reason},
-                     [entry[tok].logprob for tok, entry in zip(piece.token_ids, piece.logprobs)])
-            tokens += n
-        elapsed = time.perf_counter() - gen_start
-        log(f"{min(first + per_batch, len(tasks))}/{len(tasks)} prompts, {len(data)} branches, "
-            f"accuracy {np.mean(data.correct):.2f}, {tokens / elapsed:.0f} tok/s, "
-            f"{time.perf_counter() - start_time:.0f} s")
-    return data

@@ -1,4 +1,4 @@
-"""DUCHESS correctness probe without an engine: `probes.correctness.collect_branches` drives a
+"""DUCHESS correctness probe without an engine: `probes.collect.collect_branches` drives a
 stand-in for vLLM's `LLM` whose steps go through the real ProbeWorker in capture mode
 (`StepDriver`), the testbed checker labels the branches, and the layer sweep must find the one
 informative layer (high AUROC on held-out prompts, ~0.5 on a noise layer). Also: the split is
@@ -13,9 +13,9 @@ import torch
 
 from test_probe_worker import StepDriver, _cadence_worker
 from vllm_ext.probes.base import ProbeModelMismatch, load_probe, save_probe
-from vllm_ext.probes.correctness import (BranchDataset, auroc, collect_branches,
-                                         correctness_tasks, probe_rows, split_by_prompt,
-                                         train_correctness_probe, train_linear)
+from vllm_ext.probes.collect import collect_branches
+from vllm_ext.probes.correctness import (BranchDataset, auroc, correctness_tasks, probe_rows,
+                                         split_by_prompt, train_correctness_probe, train_linear)
 from vllm_ext.testbed.tasks import prompt_text
 
 HIDDEN = 8
