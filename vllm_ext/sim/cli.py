@@ -145,7 +145,9 @@ def cmd_replay(args) -> None:
         meas, sim, sim_pre = [], [], []
         for path in paths:  # one file per repeat or block: its arrivals, measured separately
             recs = [json.loads(line) for line in path.read_text().splitlines()]
-            recs = [r for r in recs if r["error"] is None][args.warmup:]
+            first = _block_offset(path, len(recs))
+            recs = [{**r, "index": r["index"] + first} for r in recs if r["error"] is None]
+            recs = recs[args.warmup:]
             if recorded is not None:
                 _check_recorded(recorded, recs, path)
             cost, overhead = _block_cost(recs, prefill) if prefill else profiles.get(
@@ -166,6 +168,14 @@ def cmd_replay(args) -> None:
         live_pre = f"{np.mean(counted):.1f}" if counted else "-"
         print(f"{row['config']:<10}{row['rate']:>6.2f}{len(paths):>5}{m:>14.3f}{s_:>15.3f}"
               f"{s_ / m:>10.3f}{live_pre:>14}{np.mean(sim_pre):>13.1f}")
+
+
+def _block_offset(path: Path, n: int) -> int:
+    """The trace position of a block's first request: block k of a same-server run holds the
+    trace's requests [k n, (k + 1) n), numbered from 0 in its file; a repeat file starts at 0."""
+    stem = path.name.rsplit(".", 1)[0]
+    tail = stem.rsplit(".b", 1)
+    return int(tail[1]) * n if len(tail) == 2 and tail[1].isdigit() else 0
 
 
 def _block_cost(recs: list[dict], prefill: list) -> tuple[StepCost, float]:
