@@ -214,3 +214,13 @@ def test_replay_block_calibration_recovers_the_blocks_own_step_cost():
     assert np.isfinite(overhead)
     with pytest.raises(SystemExit, match="fewer than two"):
         _block_cost([a], prefill)  # one request: one concurrency only
+
+
+def test_replay_maps_same_server_blocks_to_their_trace_positions():
+    from pathlib import Path
+
+    from vllm_ext.sim.cli import _block_offset
+
+    assert _block_offset(Path("trail@10.5.b3.jsonl"), 40) == 120
+    assert _block_offset(Path("trail@10.5.b0.jsonl"), 40) == 0
+    assert _block_offset(Path("trail@10.5.r2.jsonl"), 40) == 0  # a repeat: the whole trace
