@@ -1,5 +1,6 @@
 """Benchmark harness pieces without a server: arrivals, traces, metrics, tables."""
 import json
+import time
 
 import numpy as np
 import pytest
@@ -193,6 +194,59 @@ def test_mixed_tool_workload_runs_calls_only_for_tool_tasks():
         assert xargs.get("ext_tools", False) is (r.meta["kind"] == "lookup")
     with pytest.raises(ValueError, match="mixed"):
         testbed_requests(4, 2.0, seed=3, tools="some")
+
+
+def test_client_tool_workload_marks_tool_tasks_for_the_client_and_seeds_them():
+    from vllm_ext.bench.loadgen import request_body
+    from vllm_ext.bench.workload import testbed_requests
+
+    reqs = testbed_requests(40, 2.0, seed=3, tools="client", kinds=["add", "lookup"],
+                            client_latency="lookup=exp:0.5")
+    for r in reqs:
+        body = request_body("m", r, send_true_len=False, ignore_eos=False)
+        assert "ext_tools" not in body.get("vllm_xargs", {})  # the server runs no calls
+        assert ("client_tools" in r.meta) is (r.meta["kind"] == "lookup")
+    seeds = [r.meta["client_tools"]["seed"] for r in reqs if "client_tools" in r.meta]
+    assert len(set(seeds)) == len(seeds)  # each conversation draws its own tool times
+    again = testbed_requests(40, 2.0, seed=3, tools="client", kinds=["add", "lookup"],
+                             client_latency="lookup=exp:0.5")
+    assert [r.meta for r in again] == [r.meta for r in reqs]  # same in every config
+
+
+def test_conversation_runs_the_calls_between_turns_of_one_session():
+    import asyncio
+
+    from vllm_ext.bench.conversation import converse
+    from vllm_ext.bench.metrics import RequestRecord
+
+    sent = []
+    replies = [("x<call>calc 1+2</call>", 5), ("answer: 3", 3)]
+
+    async def send(body, rec):
+        sent.append(body)
+        text, tokens = replies[len(sent) - 1]
+        rec.send_s, rec.ttft_s, rec.itl_s = time.perf_counter(), 0.01, [0.002] * (tokens - 1)
+        await asyncio.sleep(0.01)
+        rec.text, rec.output_tokens, rec.prompt_tokens, rec.e2el_s = text, tokens, 7, 0.01
+
+    rec = RequestRecord(index=0, arrival_s=0.0)
+    asyncio.run(converse(send, {"prompt": "P", "max_tokens": 64}, rec,
+                         {"latency": "calc=0.2", "seed": 1}))
+    assert len(sent) == 2 and sent[0]["session_id"] == sent[1]["session_id"]
+    assert sent[0]["stop"] == ["</call>"] and sent[0]["include_stop_str_in_output"]
+    assert sent[1]["prompt"] == "Px<call>calc 1+2</call><result>3</result>"
+    assert sent[1]["max_tokens"] == 64 - 5
+    assert rec.text == "x<call>calc 1+2</call><result>3</result>answer: 3"
+    assert rec.output_tokens == 8 and rec.prompt_tokens == 7 and len(rec.itl_s) == 6
+    assert rec.meta == {"tool_calls": 1, "tool_s": 0.2, "turns": 2}
+    assert rec.e2el_s >= 0.2 + 0.02 and rec.ttft_s < 0.2  # the tool's time is in e2e
+
+    async def failing(body, rec):
+        rec.error = "HTTP 500: boom"
+
+    bad = RequestRecord(index=1, arrival_s=0.0)
+    asyncio.run(converse(failing, {"prompt": "P", "max_tokens": 64}, bad, {}))
+    assert bad.error == "turn 0: HTTP 500: boom" and not bad.ok
 
 
 def test_counters_parsed_by_label():

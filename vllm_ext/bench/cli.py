@@ -35,10 +35,16 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cv", type=float, default=1.0, help="gamma arrivals: CV of the gaps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--tools", nargs="?", const="only", default=False, choices=("only", "mixed"),
+    p.add_argument("--tools", nargs="?", const="only", default=False,
+                   choices=("only", "mixed", "client"),
                    help="testbed tool tasks, their calls run in the server (LAMPS): only them "
                    "(the default with a bare --tools), or 'mixed' with the other task kinds "
-                   "(--task-kinds chooses and weights them)")
+                   "(--task-kinds chooses and weights them); 'client': as mixed, but the "
+                   "client runs the calls, one request per turn with a session_id "
+                   "(--ext-session-keep)")
+    p.add_argument("--client-tool-latency", default="", metavar="SPEC",
+                   help="--tools client: tool latencies, --ext-tool-latency's syntax "
+                   "(e.g. 'lookup=exp:1.5,calc=0.1'; default: the testbed's table)")
     p.add_argument("--task-kinds", type=lambda s: s.split(","), metavar="K1,K2",
                    help="testbed task kinds only (e.g. add,sub,mul,gcd,sort,count)")
     p.add_argument("--n", type=int, default=1,
@@ -56,6 +62,15 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
 
 
 def _requests(args, rate: float):
+    if args.client_tool_latency:
+        from vllm_ext.tools.registry import ToolSpecError, parse_latencies
+
+        if args.tools != "client":
+            sys.exit("vllm-ext bench: --client-tool-latency needs --tools client")
+        try:
+            parse_latencies(args.client_tool_latency)
+        except ToolSpecError as exc:
+            sys.exit(f"vllm-ext bench: --client-tool-latency: {exc}")
     if args.trace:
         try:
             return parse_trace(args.trace.replace("{rate}", str(rate)))
@@ -63,7 +78,7 @@ def _requests(args, rate: float):
             sys.exit(f"vllm-ext bench: --trace: {exc}")
     return with_sampling(args, testbed_requests(
         args.num_requests, rate, args.seed, args.arrival, args.cv, args.max_tokens,
-        tools=args.tools, kinds=args.task_kinds))
+        tools=args.tools, kinds=args.task_kinds, client_latency=args.client_tool_latency))
 
 
 def with_sampling(args, reqs, xargs: dict | None = None):

@@ -14,6 +14,7 @@ import time
 import httpx
 from tqdm import tqdm
 
+from vllm_ext.bench.conversation import converse
 from vllm_ext.bench.metrics import RequestRecord
 from vllm_ext.bench.workload import BenchRequest
 
@@ -91,8 +92,12 @@ async def run_load(base_url: str, model: str, requests: list[BenchRequest], *,
 
         async def fire(req: BenchRequest, rec: RequestRecord) -> None:
             await asyncio.sleep(max(0.0, t0 + req.arrival_s - time.perf_counter()))
-            await _one(client, url, request_body(model, req, send_true_len, ignore_eos), rec,
-                       timeout_s)
+            body = request_body(model, req, send_true_len, ignore_eos)
+            if req.meta.get("client_tools"):  # the client runs the tool calls, turn by turn
+                await converse(lambda b, r: _one(client, url, b, r, timeout_s), body, rec,
+                               req.meta["client_tools"])
+            else:
+                await _one(client, url, body, rec, timeout_s)
             bar.update(1)
 
         chosen = [(q, r) for q, r in zip(requests, records)

@@ -78,23 +78,30 @@ def parse_trace(path: str | Path) -> list[BenchRequest]:
 
 def testbed_requests(n: int, rate: float, seed: int, process: str = "poisson", cv: float = 1.0,
                      max_tokens: int = 256, tools: bool | str = False,
-                     kinds: list[str] | None = None) -> list[BenchRequest]:
+                     kinds: list[str] | None = None,
+                     client_latency: str = "") -> list[BenchRequest]:
     """n testbed tasks (prompt with chat template) at seeded arrivals; the true output length
     is the length of the reference answer in tokens (bytes + EOS), for the oracle policy.
     `tools`: True / "only": only the tool tasks (calc, lookup), sent with their calls run in
     the server (``vllm_xargs.ext_tools``; LAMPS); "mixed": every kind in `kinds` (default all),
-    the tool tasks among them with their calls run in the server. `kinds`: only these task
-    kinds (repeat one to weight it). Each request's meta holds the task's answer, so the
+    the tool tasks among them with their calls run in the server; "client": as "mixed", but
+    the client runs the calls, one request per turn with a session_id (`bench.conversation`,
+    tool latencies from `client_latency`, the --ext-tool-latency syntax). `kinds`: only these
+    task kinds (repeat one to weight it). Each request's meta holds the task's answer, so the
     summary reports accuracy."""
+    from vllm_ext.bench.conversation import client_tools_meta
     from vllm_ext.testbed.tasks import TOOL_KINDS, generate_tasks, prompt_text
 
-    if tools not in (False, True, "only", "mixed"):
-        raise ValueError(f"tools must be False, True, 'only' or 'mixed', got {tools!r}")
+    if tools not in (False, True, "only", "mixed", "client"):
+        raise ValueError(f"tools must be False, True, 'only', 'mixed' or 'client', got {tools!r}")
+    key = "client_tools" if tools == "client" else "tools"
     only = tools is True or tools == "only"
     tasks = generate_tasks(n, seed, kinds=TOOL_KINDS if only else kinds)
     times = arrival_times(n, rate, seed, process, cv)
     return [BenchRequest(float(t), prompt_text(task), max_tokens,
                          min(max_tokens, len(task.target.encode()) + 1),
                          {"kind": task.kind, "difficulty": task.difficulty, "answer": task.answer,
-                          **({"tools": True} if tools and task.kind in TOOL_KINDS else {})})
-            for t, task in zip(times, tasks)]
+                          **({key: client_tools_meta(client_latency, seed * 100_003 + i)
+                              if tools == "client" else True}
+                             if tools and task.kind in TOOL_KINDS else {})})
+            for i, (t, task) in enumerate(zip(times, tasks))]
