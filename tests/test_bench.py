@@ -335,7 +335,7 @@ def test_side_by_side_runs_each_config_on_its_own_server_in_paired_rounds(tmp_pa
     args = Namespace(blocks=3, block_requests=4, seed=0, rates=[2.0], idle_gap=0.0,
                      server_args="--max-num-seqs 2", out=str(tmp_path), trace=None,
                      arrival="poisson", cv=1.0, max_tokens=64, tools=False, task_kinds=None,
-                     n=1, temperature=0.0, baseline="a")
+                     client_tool_latency="", n=1, temperature=0.0, baseline="a")
     configs = [("a", "stock", ""), ("b", "ext", "--ext-kv-bits 4")]
     rows = []
     monkeypatch.setattr(same_server, "write_report", lambda a, r, o: rows.extend(r))

@@ -28,7 +28,8 @@ def _sched(num_blocks=8, block_size=16):
                            ext_step_cost=step, block_size=block_size), owned
 
 
-def _turn(sched, owned, rid, session, full=2, partial=1, status="FINISHED_STOPPED", **xargs):
+def _turn(sched, owned, rid, session, full=2, partial=1, status="FINISHED_STOPPED", stop=None,
+          **xargs):
     """A finished request holding `full` hashed blocks and `partial` unhashed ones."""
     pool = sched.kv_cache_manager.block_pool
     blocks = pool.get_new_blocks(full + partial)
@@ -37,7 +38,8 @@ def _turn(sched, owned, rid, session, full=2, partial=1, status="FINISHED_STOPPE
     owned[rid] = blocks
     return SimpleNamespace(request_id=rid, session_id=session, num_computed_tokens=40,
                            num_tokens=41, status=SimpleNamespace(name=status),
-                           sampling_params=SimpleNamespace(extra_args=xargs or None)), blocks
+                           sampling_params=SimpleNamespace(extra_args=xargs or None,
+                                                           stop=stop)), blocks
 
 
 def _vllm_free(sched, owned, rid):
@@ -124,6 +126,13 @@ def test_lamps_rule_aborted_turns_swap_fallback_and_reset():
     keeps.on_finish(sched, request, "preserve", None)
     _vllm_free(sched, owned, request.request_id)
     assert not keeps.pins and sum(keeps.counts[h] for h in ("preserve", "discard")) == 3
+    # ... but a turn that ended at its stop string reaches the scheduler as an abort too
+    # (vLLM 0.32): kept
+    request, _ = _turn(sched, owned, "t4b", "s", status="FINISHED_ABORTED", stop=["</call>"])
+    keeps.on_finish(sched, request, "preserve", None)
+    _vllm_free(sched, owned, request.request_id)
+    assert keeps.counts["preserve"] == 2 and "s" in keeps.pins
+    keeps.release(sched, "s")
     # swap without a tier falls back to discard
     request, _ = _turn(sched, owned, "t6", "s2")
     keeps.on_finish(sched, request, "swap", None)

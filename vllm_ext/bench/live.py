@@ -23,6 +23,11 @@ COUNTERS = {  # (prometheus sample name, label, value) -> field in a bench summa
     ("vllm_ext_tool_reused_tokens_total", None, None): "tool_reused_tokens",
     ("vllm_ext_swap_tokens_loaded_total", None, None): "swap_tokens_loaded",
     ("vllm_ext_swap_blocks_saved_total", None, None): "swap_blocks_saved",
+    ("vllm_ext_session_turns_total", "handling", "preserve"): "session_preserve",
+    ("vllm_ext_session_turns_total", "handling", "discard"): "session_discard",
+    ("vllm_ext_session_turns_total", "handling", "swap"): "session_swap",
+    ("vllm_ext_session_reused_tokens_total", None, None): "session_reused_tokens",
+    ("vllm_ext_session_recompute_tokens_total", None, None): "session_recompute_tokens",
 }
 
 

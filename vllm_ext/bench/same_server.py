@@ -82,7 +82,8 @@ def block_requests(args, all_requests, rate: float, rnd: int):
     else:
         from vllm_ext.bench.workload import testbed_requests
         chunk = testbed_requests(n, rate, args.seed + rnd, args.arrival, args.cv, args.max_tokens,
-                                 tools=args.tools, kinds=args.task_kinds)
+                                 tools=args.tools, kinds=args.task_kinds,
+                                 client_latency=args.client_tool_latency)
     t0 = chunk[0].arrival_s
     return [replace(r, arrival_s=r.arrival_s - t0) for r in chunk]
 

@@ -14,6 +14,11 @@ picks, with T_call = the predicted gap until the follow-up arrives:
 ``preserve`` / ``swap`` force one handling (baselines); ``off`` (default) changes nothing.
 The gap is the request's ``ext_followup_s`` hint (vllm_xargs) if given, else a running mean
 of the gaps observed (finish -> the session's next arrival); with neither, discard.
+A turn that ends at a stop string (the usual end of a client tool turn, ``stop: ["</call>"]``)
+reaches the scheduler as an abort: vLLM 0.32's detokenizer finds the string and the engine
+aborts the request (`EngineCore.abort_requests`: "client-aborted vs stop criteria met" is not
+passed on). So an aborted turn whose sampling params carry stop strings is kept like a
+finished one; other aborts (a client that went away) are not.
 A pin never stalls the engine: when nothing runs and the head of the waiting queue does not
 fit in the free blocks, pins are released, soonest deadline first (while requests run, their
 finishes free blocks; a pin's cost to the batch is the memory x time the rule priced). Every follow-up's return is measured like
@@ -33,6 +38,14 @@ from vllm_ext.sched.preempt_swap import count_returns, save_or_reason
 logger = logging.getLogger("vllm_ext.swap")
 FOLLOWUP_KEY = "ext_followup_s"   # vllm_xargs: the client's expected gap to its next turn (s)
 FINISHED = ("FINISHED_STOPPED", "FINISHED_LENGTH_CAPPED")
+
+
+def _turn_ended(request) -> bool:
+    """Finished, or aborted at a stop string (see the module docstring)."""
+    status = getattr(request.status, "name", "")
+    if status in FINISHED:
+        return True
+    return status == "FINISHED_ABORTED" and bool(getattr(request.sampling_params, "stop", None))
 
 
 @dataclass
@@ -58,7 +71,7 @@ class SessionKeeps:
     def on_finish(self, sched, request, mode: str, tier) -> None:
         """Before vLLM frees a finished turn's blocks (its `_free_request`)."""
         session = getattr(request, "session_id", None)
-        if mode == "off" or not session or getattr(request.status, "name", "") not in FINISHED:
+        if mode == "off" or not session or not _turn_ended(request):
             return                            # an aborted turn has no follow-up to wait for
         now, context = time.monotonic(), request.num_computed_tokens
         self.finished.pop(session, None)
