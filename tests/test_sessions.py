@@ -151,3 +151,17 @@ def test_session_keep_flag_validation():
     with pytest.raises(ExtConfigError, match="--ext-swap-dir"):
         ExtConfig().with_live_changes({"session_keep": "swap"})
     assert ExtConfig().with_live_changes({"session_keep": "lamps"}).session_keep == "lamps"
+
+
+def test_a_live_config_change_releases_session_pins():
+    """Pins were kept for the old settings; a benchmark block must not inherit them."""
+    from test_policy import _adapter
+
+    s, _ = _adapter([("a", 0, 10)])
+    s.vllm_config.model_config = SimpleNamespace(hf_config=SimpleNamespace(model_type="none"),
+                                                 model=None)
+    calls = []
+    s.ext_sessions.reset = lambda sched: calls.append(sched)
+    s.ext_apply_config({"session_keep": "preserve"})
+    s.ext_apply_config({"policy": "fcfs"})
+    assert calls == [s, s] and s.ext_config.session_keep == "preserve"

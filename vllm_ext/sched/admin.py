@@ -46,7 +46,8 @@ class AdminMixin:
     def ext_apply_config(self, live: dict) -> dict:
         """Swap to the live settings `live` (validated by the caller and again here) between
         two steps. The new policy learns the prompts of the requests already here, and the
-        predictions they have, so running requests keep their place in its order."""
+        predictions they have, so running requests keep their place in its order. Session
+        pins are released."""
         config = self.ext_config.with_live_changes(live)
         policy = build_policy(config, self.vllm_config.model_config)
         on_arrival = getattr(policy, "on_arrival", None)
@@ -56,8 +57,9 @@ class AdminMixin:
                 on_arrival(req_id, request.prompt_token_ids or [])
             if observe is not None and req_id in self.ext_predictions:
                 observe(req_id, self.ext_predictions[req_id], request.num_output_tokens)
-        if config.session_keep == "off":
-            self.ext_sessions.reset(self)
+        # every change starts session keeping afresh: pins (kept for the old settings) go, so
+        # a benchmark block never inherits the blocks a previous config pinned
+        self.ext_sessions.reset(self)
         self.ext_config, self.ext_policy = config, policy
         self.ext_waiting_keys = {}
         self.ext_dirty = self.ext_waiting_dirty = True
