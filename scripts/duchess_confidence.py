@@ -23,18 +23,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-WINDOW = 8
-
-
 def features_at(logprobs: np.ndarray, entropies: np.ndarray, j: int) -> dict[str, float]:
-    """Confidence of the first j sampled tokens (j >= 1); higher = more confident."""
-    lp, ent = logprobs[:j], entropies[:j]
-    w = min(WINDOW, j)
-    windows = np.convolve(lp, np.ones(w) / w, mode="valid")
-    return {"min_logprob": float(lp.min()), "mean_logprob": float(lp.mean()),
-            "min_window_mean": float(windows.min()),
-            "neg_low_count": -float((lp < math.log(0.5)).sum()),
-            "neg_mean_entropy": -float(ent.mean())}
+    """Confidence of the first j sampled tokens (j >= 1); higher = more confident. The first
+    three are the server's own (`vllm_ext.branches.confidence`)."""
+    from vllm_ext.branches.confidence import confidence_of
+
+    conf = confidence_of(logprobs, j).features(0.5, 0.5)
+    return {"min_logprob": conf["min_logprob"], "mean_logprob": conf["mean_logprob"],
+            "min_window_mean": conf["min_window_mean"],
+            "neg_low_count": -float((logprobs[:j] < math.log(0.5)).sum()),
+            "neg_mean_entropy": -float(entropies[:j].mean())}
 
 
 def sample(model: str, tasks, branches: int, max_tokens: int, seed: int, batch: int):
