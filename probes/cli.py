@@ -58,9 +58,7 @@ def main(argv: list[str]) -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     from transformers import AutoConfig
 
-    from vllm_ext.branches.confidence import META_KEY
     from vllm_ext.probes.base import model_fingerprint, save_probe
-    from vllm_ext.probes.confidence import fit_confidence
     from vllm_ext.probes.collect import LengthDataset, collect, read_prompts, testbed_prompts
     from vllm_ext.probes.length import train_length_probe
     from vllm_ext.testbed.model import default_model_path

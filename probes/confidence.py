@@ -5,16 +5,19 @@ the decode probe rounds (j = i, 2i, ...) of the *validation* prompts, which the 
 probe was not trained on, a logistic regression over the features of
 `vllm_ext.branches.confidence` (the probe's logit at row j and at the end of prefill, row 0;
 lowest / mean / lowest-window sampled-token logprob of the first j tokens; log j) is fitted
-(inputs standardised, weights folded back to raw units). Every figure reported is on the test prompts:
-the probe alone, confidence alone (the same fit without the probe input) and the combination,
-pooled over rounds, at the first round and within prompt (`probes.correctness.evaluate`).
+by `probes.correctness.train_linear` (inputs standardised, weights folded back to raw units).
+Every figure reported is on the test prompts: the probe alone, confidence alone (the same fit
+without the probe inputs) and the combination, pooled over rounds, at the first round and
+within prompt (`probes.correctness.evaluate`).
 """
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from vllm_ext.branches.confidence import FEATURES, Combiner, confidence_of
-from vllm_ext.probes.correctness import BranchDataset, evaluate, probe_rows, split_by_prompt
+from vllm_ext.probes.correctness import (BranchDataset, evaluate, probe_rows, split_by_prompt,
+                                         train_linear)
 
 
 def feature_matrix(data: BranchDataset, rows, probe, layer_pos: int) -> np.ndarray:
@@ -32,13 +35,11 @@ def feature_matrix(data: BranchDataset, rows, probe, layer_pos: int) -> np.ndarr
 
 
 def _fit(x: np.ndarray, y: np.ndarray, names: list[str], c: float = 1.0) -> Combiner:
-    from sklearn.linear_model import LogisticRegression
-
-    mean, std = x.mean(0), np.maximum(x.std(0), 1e-6)
-    clf = LogisticRegression(C=c, max_iter=2000).fit((x - mean) / std, y)
-    w = clf.coef_[0] / std
-    return Combiner(float(clf.intercept_[0] - (w * mean).sum()),
-                    {name: float(v) for name, v in zip(names, w)})
+    """The probe's own logistic trainer (C fixed), its raw-unit weights as a `Combiner`."""
+    module = train_linear(torch.as_tensor(x, dtype=torch.float32), y, c=c)
+    weights = module.weight.detach()[0].double().numpy()
+    return Combiner(float(module.bias.detach()[0]),
+                    {name: float(v) for name, v in zip(names, weights)})
 
 
 def _scores(comb: Combiner, x: np.ndarray, names: list[str]) -> np.ndarray:

@@ -45,13 +45,12 @@ class Confidence:
             self.total += lp
             self.lowest = lp if self.count == 1 else min(self.lowest, lp)
             self.recent.append(lp)
-            window_mean = sum(self.recent) / len(self.recent)
-            if self.count < WINDOW:
+            if self.count < WINDOW:   # no full window yet: the mean so far
                 self.lowest_window = self.total / self.count
-            elif self.count == WINDOW:
-                self.lowest_window = window_mean
-            else:
-                self.lowest_window = min(self.lowest_window, window_mean)
+                continue
+            window_mean = sum(self.recent) / WINDOW
+            self.lowest_window = (window_mean if self.count == WINDOW
+                                  else min(self.lowest_window, window_mean))
 
     def copy(self) -> "Confidence":
         return Confidence(self.count, self.total, self.lowest, self.lowest_window,
