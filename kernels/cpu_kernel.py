@@ -38,7 +38,8 @@ from vllm_ext.kernels.reference import hack_attention_ref
 logger = logging.getLogger("vllm_ext")
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("hack_attn.cpp", "hack_write.cpp", "hack_bind.cpp")
-HEADERS = ("hack_attn.h", "hack_simd.h", "hack_lowbit.h")
+HEADERS = ("hack_attn.h", "hack_simd.h", "hack_rowops.h", "hack_lowbit.h", "hack_vnni.h",
+           "hack_part.h")
 LDFLAGS = ["-fopenmp"]
 
 
@@ -99,6 +100,8 @@ def load_extension():
         if "ext" not in _state:
             try:
                 _state["ext"] = _build()
+                logger.info("vllm-ext: HACK CPU kernel loaded (code products: %s)",
+                            _state["ext"].isa())
             except Exception as e:  # noqa: BLE001 - any build failure means: use the reference
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 logger.warning("vllm-ext: HACK CPU kernel unavailable (%s: %s); using the torch "

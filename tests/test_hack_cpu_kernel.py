@@ -224,6 +224,24 @@ def test_scalar_build_matches_reference(ext, monkeypatch):
             _assert_close(ck.hack_attention_kernel(ext, q, sim.cache, batch, 0.125), want)
 
 
+@pytest.mark.slow
+def test_avx2_build_equals_native_build(ext, monkeypatch):
+    """An AVX2-only build (-march=haswell: maddubs products, 8-lane loops) gives the native
+    build's outputs bit for bit (on AVX-512 VNNI CPUs: vpdpbusd, 16-lane loops): the integer
+    products are exact and the float steps do the same operations in the same order."""
+    monkeypatch.setenv("VLLM_EXT_HACK_CPU_MARCH", "haswell")
+    monkeypatch.setattr(ck, "_state", {})
+    avx2 = ck.load_extension()
+    assert avx2 is not None and avx2 is not ext and avx2.isa() == "avx2"
+    for bits in (4, 2, 8):
+        for D, Pi in ((32, 64), (128, 32), (64, 128)):
+            for mode in ("decode", "chunked"):
+                got, want, (q, sim, batch) = _case(ext, bits, D, Pi, mode, seed=bits + D + Pi)
+                other = ck.hack_attention_kernel(avx2, q, sim.cache, batch, D ** -0.5)
+                assert torch.equal(got, other), (bits, D, Pi, mode)
+                _assert_close(other, want)
+
+
 def _pool_state(p: kv_store.HackPlanner):
     pools = [(list(x.slot.items()), dict(x.last), list(x.free)) for x in (p.stage, p.sinks)]
     return pools, dict(p.fill), dict(p.sealed_early), p.step

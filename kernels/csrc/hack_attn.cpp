@@ -1,16 +1,13 @@
 // HACK (arXiv 2502.03589): fused CPU attention on the quantized paged KV cache.
 //
-// Rule (same arithmetic as kernels/reference.py, the oracle): per sealed partition of Π tokens,
-// a = q * k_scale is quantized to 8 bits over the D channels and
-//   q.k_t = s_a (a'.kcode_t) + m_a ksum_t + q.k_min;
-// per partition and V group g, b_t = p_t * v_scale[t, g] is quantized to 8 bits over the tokens
-//   sum_t p_t v_t = s_b (b'.vcode) + m_b vsum + sum_t p_t v_min[t, g].
-// Sinks and the open partition are attended in 16-bit from their pools; one online softmax
-// joins the parts. One call per layer for all requests: work items are (request, KV head,
-// query-row tile, context split), run with at::parallel_for; split partials are merged after.
-// Records are read in place through the block table and unpacked once per partition into a
-// scratch shared by the tile's query rows (4/2 bits: K bit planes and V token pairs, u8,
-// hack_lowbit.h; 8 bits: int16 K / fp32 V).
+// Rule (same arithmetic as kernels/reference.py, the oracle; the per-partition steps are in
+// hack_part.h): sealed partitions of Π tokens are attended on their integer codes, sinks and the
+// open partition in 16-bit from their pools, and one online softmax joins the parts. One call
+// per layer for all requests: work items are (request, KV head, query-row tile, context split),
+// run with at::parallel_for; split partials are merged after. Records are read in place
+// through the block table, CH partitions at a time: each phase (scores, softmax step, values)
+// runs for every (row, partition) pair of the chunk before the next, so the core overlaps
+// their dependency chains, and the softmax rescales once per chunk.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -19,13 +16,15 @@
 #include <vector>
 
 #include "hack_attn.h"
-#include "hack_lowbit.h"
+#include "hack_part.h"
+#include "hack_rowops.h"
 #include "hack_simd.h"
 
 namespace hack {
 namespace {
 
-constexpr int SINK = 4, VG = 32, BM = 32;  // sink tokens, V group, query rows per tile
+constexpr int SINK = 4, BM = 32;  // sink tokens, query rows per tile
+constexpr int CH = 4;            // sealed partitions per online-softmax step
 constexpr int64_t SERIAL_ROW_TOKENS = 2048;  // less work than this runs on the calling thread
 
 struct Item {
@@ -37,10 +36,6 @@ struct Acc {  // online-softmax state of one tile: m, l, acc [BM][D]
   float m[BM], l[BM];
   std::vector<float> o;
 };
-
-inline const uint16_t* f16(const uint8_t* rec, int64_t off) {
-  return reinterpret_cast<const uint16_t*>(rec + off);
-}
 
 // Online-softmax step for one row over n scores (masked = -inf) whose max is mx: rescales
 // the row's state, writes the numerators p; returns false (state untouched) if all masked.
@@ -86,104 +81,76 @@ void dense_part(const Ctx& C, const Item& it, const float* qt, const int* qpos, 
   }
 }
 
-struct Scratch {  // per thread, sized once per call
-  std::vector<int16_t> kc, a16;
-  std::vector<uint8_t> kc8, vp8, a8, b8, ap;
-  std::vector<float> vc, ks, km, ksum, vsT, vmT, vsum, tmp, codes, s, p, b, dotv;
-  std::vector<int32_t> dots;
-  int D = 0, Pi = 0;
-  Scratch(int D_, int Pi_) : D(D_), Pi(Pi_) {
-    const int G = D / VG, n = std::max(D, Pi * G);
-    kc.resize(size_t(Pi) * D), a16.resize(D), kc8.resize(size_t(Pi) * D);
-    vp8.resize(size_t(Pi) * D), a8.resize(D), b8.resize(Pi), ap.resize(128);
-    vc.resize(size_t(Pi) * D);
-    ks.resize(D), km.resize(D), ksum.resize(Pi), vsT.resize(size_t(G) * Pi);
-    vmT.resize(size_t(G) * Pi), vsum.resize(D), tmp.resize(n), codes.resize(n), s.resize(Pi);
-    p.resize(Pi), b.resize(Pi), dotv.resize(VG), dots.resize(Pi);
+struct Scratch {  // per thread, reused across calls
+  Part part[CH];
+  RowTmp row;
+  std::vector<float> s, p;  // [BM][CH Π]: scores, softmax numerators of a chunk
+  int D, Pi, bits;
+  Scratch(int D_, int Pi_, int bits_) : D(D_), Pi(Pi_), bits(bits_) {
+    for (Part& P : part) P.size(D, Pi, bits);
+    row.size(D, Pi);
+    s.resize(size_t(BM) * CH * Pi), p.resize(size_t(BM) * CH * Pi);
   }
 };
 
+// The sealed partitions [p0, p1) of one tile, CH at a time: load the CH records, then each
+// phase for every (row, partition) pair before the next (independent chains the core can
+// overlap), one online-softmax step per row and chunk.
 void sealed_parts(const Ctx& C, const Item& it, const float* qt, const int* qpos, Acc& A,
                   Scratch& S) {
   const Lay& L = C.L;
-  const int D = L.D, Pi = L.Pi, G = D / VG, r = it.r;
-  const int ns = C.seq[r] / Pi;
-  const bool use_sinks = C.kslot[r] >= 0 && ns > 0;
-  const bool lowbit = HACK_AVX2 && L.bits != 8;  // u8 x s8 integer products (hack_lowbit.h)
-  for (int part = it.p0; part < it.p1; ++part) {
-    const int kpos0 = part * Pi, lo_mask = (use_sinks && part == 0) ? SINK : 0;
-    int first = -1;  // first row that sees a token of this partition (rows ascend in qpos)
-    for (int i = 0; i < it.nrows; ++i)
-      if (qpos[i] >= kpos0 && qpos[i] >= lo_mask) { first = i; break; }
-    if (first < 0) continue;
-    const int64_t blk = C.bt[r * C.s_bt + kpos0 / L.BS];
-    const uint8_t* rec = C.pages + blk * C.s_pb + it.h * C.s_ph + (kpos0 % L.BS) / Pi * C.s_pp;
-#if HACK_AVX2
-    if (lowbit) {
-      unpack_k_planes(rec + L.off_kc, L.bits, Pi, L.row, S.kc8.data());
-      unpack_v_pairs(rec + L.off_vc, L.bits, D, Pi, L.row, S.vp8.data());
+  const int D = L.D, Pi = L.Pi, r = it.r, W = CH * Pi;
+  const bool use_sinks = C.kslot[r] >= 0 && C.seq[r] / Pi > 0;
+  float mx[BM][CH];
+  for (int c0 = it.p0; c0 < it.p1; c0 += CH) {
+    const int np = std::min(CH, it.p1 - c0);
+    int lo[CH], i0 = it.nrows;  // lo: sink tokens masked in partition j; i0: first row seeing any
+    for (int j = 0; j < np; ++j) {
+      const int kpos0 = (c0 + j) * Pi;
+      lo[j] = (use_sinks && c0 + j == 0) ? SINK : 0;
+      if (qpos[it.nrows - 1] < std::max(kpos0, lo[j])) continue;  // rows ascend in qpos
+      for (int i = 0; i < i0; ++i)
+        if (qpos[i] >= kpos0 && qpos[i] >= lo[j]) { i0 = i; break; }
+      const int64_t blk = C.bt[r * C.s_bt + kpos0 / L.BS];
+      load(L, C.pages + blk * C.s_pb + it.h * C.s_ph + (kpos0 % L.BS) / Pi * C.s_pp, S.part[j],
+           S.row);
     }
-#endif
-    if (!lowbit)
-      for (int t = 0; t < Pi; ++t) {
-        unpack_i16(rec + L.off_kc + t * L.row, L.bits, D, S.kc.data() + t * D);
-        unpack_f32(rec + L.off_vc + t * L.row, L.bits, D, S.vc.data() + t * D);
+    for (int j = 0; j < np; ++j) {  // scores, RB rows at a time
+      const int kpos0 = (c0 + j) * Pi;
+      int i = i0;
+      for (; i < it.nrows && (qpos[i] < kpos0 || qpos[i] < lo[j]); ++i) {
+        mx[i][j] = NEG_INF;
+        std::fill(S.s.data() + size_t(i) * W + j * Pi, S.s.data() + size_t(i) * W + (j + 1) * Pi,
+                  NEG_INF);
       }
-    cvt16<false>(f16(rec, L.off_ks), S.ks.data(), D);
-    cvt16<false>(f16(rec, L.off_km), S.km.data(), D);
-    i16_to_f32(reinterpret_cast<const int16_t*>(rec + L.off_ksum), S.ksum.data(), Pi);
-    i16_to_f32(reinterpret_cast<const int16_t*>(rec + L.off_vsum), S.vsum.data(), D);
-    for (int which = 0; which < 2; ++which) {  // v_scale / v_min [Π][G] -> [G][Π]
-      std::vector<float>& dst = which ? S.vmT : S.vsT;
-      const uint16_t* src = f16(rec, which ? L.off_vm : L.off_vs);
-      if (G == 1) { cvt16<false>(src, dst.data(), Pi); continue; }
-      cvt16<false>(src, S.tmp.data(), Pi * G);
-      for (int t = 0; t < Pi; ++t)
-        for (int g = 0; g < G; ++g) dst[g * Pi + t] = S.tmp[t * G + g];
-    }
-    for (int i = first; i < it.nrows; ++i) {
-      if (qpos[i] < kpos0 || qpos[i] < lo_mask) continue;
-      const float* qi = qt + i * D;
-      // scores: a = q * k_scale, 8-bit over channels; exact integer dots on the codes
-      for (int d = 0; d < D; ++d) S.tmp[d] = qi[d] * S.ks[d];
-      float s_a, m_a;
-      quant8(S.tmp.data(), D, s_a, m_a, S.codes.data());
-      const float qkm = dot_f32(qi, S.km.data(), D);
-#if HACK_AVX2
-      if (lowbit) {
-        f32_to_u8(S.codes.data(), D, S.a8.data());
-        kdots_lowbit(L.bits, D, S.a8.data(), S.ap.data(), S.kc8.data(), Pi, S.dots.data());
-      }
-#endif
-      if (!lowbit) {
-        for (int d = 0; d < D; ++d) S.a16[d] = int16_t(S.codes[d]);
-        for (int t = 0; t < Pi; t += 8)
-          kdot8(S.a16.data(), S.kc.data() + t * D, D, S.dots.data() + t);
-      }
-      const float mx = scores(S.dots.data(), S.ksum.data(), s_a, m_a, qkm, kpos0, qpos[i],
-                              lo_mask, S.s.data(), Pi);
-      if (!online(A, i, D, S.s.data(), mx, S.p.data(), Pi)) continue;
-      float* o = A.o.data() + i * D;
-      for (int g = 0; g < G; ++g) {
-        // b = p * v_scale, 8-bit over the Π tokens; exact integer b'.vcode
-        const float* vs = S.vsT.data() + g * Pi;
-        for (int t = 0; t < Pi; ++t) S.b[t] = S.p[t] * vs[t];
-        float s_b, m_b;
-        quant8(S.b.data(), Pi, s_b, m_b, S.codes.data());
-        const float corr = dot_f32(S.p.data(), S.vmT.data() + g * Pi, Pi);
-#if HACK_AVX2
-        if (lowbit) {
-          f32_to_u8(S.codes.data(), Pi, S.b8.data());
-          auto* vdot = L.bits == 4 ? vdot32_u8<true> : vdot32_u8<false>;
-          vdot(S.vp8.data(), D, g * VG, S.b8.data(), Pi, S.dotv.data());
-        }
-#endif
-        if (!lowbit) wsum32(S.vc.data() + g * VG, D, S.codes.data(), Pi, S.dotv.data());
-        float* og = o + g * VG;
-        const float* vsg = S.vsum.data() + g * VG;
-        for (int c = 0; c < VG; ++c) og[c] += (s_b * S.dotv[c] + m_b * vsg[c]) + corr;
+      for (; i < it.nrows; i += RB) {
+        const int n = std::min(RB, it.nrows - i);
+        const float* q[RB];
+        float* s[RB];
+        float m[RB];
+        for (int k = 0; k < n; ++k)
+          q[k] = qt + (i + k) * D, s[k] = S.s.data() + size_t(i + k) * W + j * Pi;
+        scores(S.part[j], L, n, q, qpos + i, kpos0, lo[j], s, m, S.row);
+        for (int k = 0; k < n; ++k) mx[i + k][j] = m[k];
       }
     }
+    bool live[BM];
+    for (int i = i0; i < it.nrows; ++i) {  // one online-softmax step per row
+      float m = NEG_INF;
+      for (int j = 0; j < np; ++j) m = std::max(m, mx[i][j]);
+      live[i] = online(A, i, D, S.s.data() + size_t(i) * W, m, S.p.data() + size_t(i) * W,
+                       np * Pi);
+    }
+    for (int j = 0; j < np; ++j)  // values, RB live rows at a time
+      for (int i = i0; i < it.nrows;) {
+        const float* p[RB];
+        float* o[RB];
+        int n = 0;
+        for (; i < it.nrows && n < RB; ++i)
+          if (live[i] && mx[i][j] != NEG_INF)
+            p[n] = S.p.data() + size_t(i) * W + j * Pi, o[n++] = A.o.data() + i * D;
+        if (n) values(S.part[j], L, n, p, o, S.row);
+      }
   }
 }
 
@@ -196,20 +163,19 @@ void run_item(const Ctx& C, const Item& it, Acc& A, float* q_tile, Scratch& S) {
     const int row = it.row0 + i, tok = row / C.QG, hq = it.h * C.QG + row % C.QG;
     qpos[i] = L - n + tok;
     const int64_t at = int64_t(q0 + tok) * C.s_qt + hq * C.s_qh;
-    float* dst = q_tile + i * D;
-    if (C.q_type == 0) std::memcpy(dst, static_cast<const float*>(C.q) + at, D * 4);
-    else if (C.q_type == 1) cvt16<true>(static_cast<const uint16_t*>(C.q) + at, dst, D);
-    else cvt16<false>(static_cast<const uint16_t*>(C.q) + at, dst, D);
-    for (int d = 0; d < D; ++d) dst[d] = dst[d] * C.scale;  // = reference q.float() * scale
+    const int64_t bytes = C.q_type == 0 ? 4 : 2;  // = reference q.float() * scale
+    load_scaled(static_cast<const char*>(C.q) + at * bytes, C.q_type, C.scale, q_tile + i * D, D);
     A.m[i] = NEG_INF;
     A.l[i] = 0.f;
   }
-  std::fill(A.o.begin(), A.o.end(), 0.f);
+  std::fill(A.o.begin(), A.o.begin() + size_t(it.nrows) * D, 0.f);
   if (it.dense) dense_part<BF16>(C, it, q_tile, qpos, A);
   sealed_parts(C, it, q_tile, qpos, A, S);
 }
 
 }  // namespace
+
+const char* isa() { return HACK_VNNI ? "avx512-vnni" : HACK_AVX2 ? "avx2" : "scalar"; }
 
 void attend(const Ctx& C, int64_t max_splits) {
   const int D = C.L.D, Pi = C.L.Pi, R = C.R;
@@ -252,20 +218,15 @@ void attend(const Ctx& C, int64_t max_splits) {
     for (int i = 0; i < it.nrows; ++i) {
       const int row = it.row0 + i, tok = row / C.QG, hq = it.h * C.QG + row % C.QG;
       char* dst = o + (int64_t(q0 + tok) * s_ot + hq * s_oh) * o_size;
-      const float inv = l[i] > 0 ? l[i] : 1.0f;
-      for (int d = 0; d < D; ++d) {
-        const float x = acc[i * D + d] / inv;
-        if (o_type == 0) reinterpret_cast<float*>(dst)[d] = x;
-        else if (o_type == 1) reinterpret_cast<c10::BFloat16*>(dst)[d] = c10::BFloat16(x);
-        else reinterpret_cast<c10::Half*>(dst)[d] = c10::Half(x);
-      }
+      store_scaled(acc + i * D, l[i] > 0 ? l[i] : 1.0f, o_type, dst, D);
     }
   };
   at::parallel_for(0, W, threads == 1 ? W : 1, [&](int64_t b, int64_t e) {
     static thread_local std::unique_ptr<Scratch> tls;  // reused across calls
     static thread_local Acc A;
     static thread_local std::vector<float> q_tile;
-    if (!tls || tls->D != D || tls->Pi != Pi) tls.reset(new Scratch(D, Pi));
+    if (!tls || tls->D != D || tls->Pi != Pi || tls->bits != C.L.bits)
+      tls.reset(new Scratch(D, Pi, C.L.bits));
     Scratch& S = *tls;
     A.o.resize(size_t(BM) * D);
     q_tile.resize(size_t(BM) * D);

@@ -31,6 +31,10 @@ struct Ctx {
   int64_t s_bt;
 };
 
+// The instruction set the code products run on: "avx512-vnni" (4 bits; 8 / 2 bits use
+// avx2), "avx2" or "scalar".
+const char* isa();
+
 // Attention of all requests of C into C.out (one call per layer).
 void attend(const Ctx& C, int64_t max_splits);
 

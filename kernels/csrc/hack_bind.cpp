@@ -115,4 +115,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<hack::PlanH>(m, "PlanH").def(py::init<std::vector<at::Tensor>>());
   m.def("attention", &hack::attention);
   m.def("write_h", &hack::write_h);
+  m.def("isa", &hack::isa);
 }

@@ -1,11 +1,12 @@
-// HACK (arXiv 2502.03589) CPU kernels: SIMD helpers (AVX2 + FMA + F16C, scalar fallback).
+// HACK (arXiv 2502.03589) CPU kernels: ISA detection and the load / store helpers (16-bit
+// floats, packed codes), AVX2 + FMA + F16C with a scalar fallback; the per-row float steps are
+// in hack_rowops.h.
 //
-// Rule kept here: every helper that feeds a rounding decision (the on-the-fly 8-bit
-// quantization of Q*k_scale and P*v_scale) does the same IEEE fp32 operations, in the same
-// order, as the torch reference (kernels/reference.py: floor((x - lo) / s + 0.5), clamped), and
-// the build disables FP contraction, so codes match the reference bit for bit for equal input.
-// Integer code products are exact (int16 x int16 -> int32, or fp32 on integers < 2^24).
+// Rule kept here: conversions are exact (codes, 16-bit floats to fp32) or round as c10 does
+// (fp32 to bf16 / fp16 outputs). Integer code products are exact (int16 x int16 -> int32, or
+// fp32 on integers < 2^24).
 #pragma once
+#include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
@@ -19,6 +20,13 @@
 #define HACK_AVX2 1
 #else
 #define HACK_AVX2 0
+#endif
+// AVX-512: the same per-lane operations on 16 lanes (results equal the AVX2 loops bit for bit:
+// element-wise ops are identical, min / max are exact, sums keep the 8-lane order).
+#if HACK_AVX2 && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
+#define HACK_AVX512 1
+#else
+#define HACK_AVX512 0
 #endif
 
 namespace hack {
@@ -46,6 +54,61 @@ inline void cvt16(const uint16_t* src, float* dst, int n) {
   }
 #endif
   for (; i < n; ++i) dst[i] = BF16 ? bf2f(src[i]) : h2f(src[i]);
+}
+
+// dst[i] = float(src[i]) * scale; src fp32 (type 0), bf16 (1) or fp16 (2)
+inline void load_scaled(const void* src, int type, float scale, float* dst, int n) {
+  int i = 0;
+#if HACK_AVX2
+  const __m256 vs = _mm256_set1_ps(scale);
+  for (; i + 8 <= n; i += 8) {
+    __m256 f;
+    if (type == 0) f = _mm256_loadu_ps(static_cast<const float*>(src) + i);
+    else {
+      const __m128i x = _mm_loadu_si128((const __m128i*)(static_cast<const uint16_t*>(src) + i));
+      f = type == 1 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(x), 16))
+                    : _mm256_cvtph_ps(x);
+    }
+    _mm256_storeu_ps(dst + i, _mm256_mul_ps(f, vs));
+  }
+#endif
+  for (; i < n; ++i) {
+    const float x = type == 0 ? static_cast<const float*>(src)[i]
+                  : type == 1 ? bf2f(static_cast<const uint16_t*>(src)[i])
+                              : h2f(static_cast<const uint16_t*>(src)[i]);
+    dst[i] = x * scale;
+  }
+}
+
+// dst[i] = acc[i] / l as fp32 (type 0), bf16 (1, round to nearest even, as c10::BFloat16) or
+// fp16 (2, as c10::Half)
+inline void store_scaled(const float* acc, float l, int type, void* dst, int n) {
+  int i = 0;
+#if HACK_AVX2
+  const __m256 vl = _mm256_set1_ps(l);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = _mm256_div_ps(_mm256_loadu_ps(acc + i), vl);
+    if (type == 0) { _mm256_storeu_ps(static_cast<float*>(dst) + i, x); continue; }
+    __m128i h;
+    if (type == 2) h = _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    else {  // u + 0x7FFF + ((u >> 16) & 1), high half; NaN -> 0x7FC0
+      const __m256i u = _mm256_castps_si256(x);
+      __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(
+          _mm256_set1_epi32(0x7FFF), _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
+      r = _mm256_srli_epi32(r, 16);
+      const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+      r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+      h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    }
+    _mm_storeu_si128((__m128i*)(static_cast<uint16_t*>(dst) + i), h);
+  }
+#endif
+  for (; i < n; ++i) {
+    const float x = acc[i] / l;
+    if (type == 0) static_cast<float*>(dst)[i] = x;
+    else if (type == 1) static_cast<c10::BFloat16*>(dst)[i] = c10::BFloat16(x);
+    else static_cast<c10::Half*>(dst)[i] = c10::Half(x);
+  }
 }
 
 #if HACK_AVX2
@@ -114,209 +177,6 @@ inline void i16_to_f32(const int16_t* src, float* dst, int n) {
                                   _mm_loadu_si128((const __m128i*)(src + i)))));
 #endif
   for (; i < n; ++i) dst[i] = float(src[i]);
-}
-
-// 8-bit asymmetric quantization of x[0..n) exactly as reference.quantize_8bit:
-// s = (hi - lo) / 255, codes = clamp(floor((x - lo) / (s > 0 ? s : 1) + 0.5), 0, 255) (fp32).
-inline void quant8(const float* x, int n, float& s, float& lo, float* codes) {
-  float mn = x[0], mx = x[0];
-  int i = 0;
-#if HACK_AVX2
-  if (n >= 8) {
-    __m256 vmn = _mm256_loadu_ps(x), vmx = vmn;
-    for (i = 8; i + 8 <= n; i += 8) {
-      __m256 v = _mm256_loadu_ps(x + i);
-      vmn = _mm256_min_ps(vmn, v);
-      vmx = _mm256_max_ps(vmx, v);
-    }
-    alignas(32) float a[8], b[8];
-    _mm256_store_ps(a, vmn);
-    _mm256_store_ps(b, vmx);
-    mn = a[0], mx = b[0];
-    for (int j = 1; j < 8; ++j) mn = std::min(mn, a[j]), mx = std::max(mx, b[j]);
-  }
-#endif
-  for (; i < n; ++i) mn = std::min(mn, x[i]), mx = std::max(mx, x[i]);
-  lo = mn;
-  s = (mx - mn) / 255.0f;
-  const float safe = s > 0 ? s : 1.0f;
-  i = 0;
-#if HACK_AVX2
-  const __m256 vlo = _mm256_set1_ps(lo), vs = _mm256_set1_ps(safe), half = _mm256_set1_ps(0.5f);
-  const __m256 zero = _mm256_setzero_ps(), top = _mm256_set1_ps(255.0f);
-  for (; i + 8 <= n; i += 8) {
-    __m256 v = _mm256_div_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), vlo), vs);
-    v = _mm256_floor_ps(_mm256_add_ps(v, half));
-    _mm256_storeu_ps(codes + i, _mm256_min_ps(_mm256_max_ps(v, zero), top));
-  }
-#endif
-  for (; i < n; ++i)
-    codes[i] = std::min(std::max(std::floor((x[i] - lo) / safe + 0.5f), 0.0f), 255.0f);
-}
-
-inline float dot_f32(const float* a, const float* b, int n) {
-  int i = 0;
-  float r = 0.f;
-#if HACK_AVX2
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  for (; i + 16 <= n; i += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
-  }
-  alignas(32) float t[8];
-  _mm256_store_ps(t, _mm256_add_ps(acc0, acc1));
-  for (int j = 0; j < 8; ++j) r += t[j];
-#endif
-  for (; i < n; ++i) r += a[i] * b[i];
-  return r;
-}
-
-// y[0..n) = y * alpha + x * w
-inline void axpby(float* y, float alpha, const float* x, float w, int n) {
-  int i = 0;
-#if HACK_AVX2
-  const __m256 va = _mm256_set1_ps(alpha), vw = _mm256_set1_ps(w);
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(_mm256_loadu_ps(x + i), vw,
-                                            _mm256_mul_ps(_mm256_loadu_ps(y + i), va)));
-#endif
-  for (; i < n; ++i) y[i] = y[i] * alpha + x[i] * w;
-}
-
-inline void scale_inplace(float* y, float alpha, int n) { axpby(y, alpha, y, 0.0f, n); }
-
-#if HACK_AVX2
-// exp for AVX2 (Cephes polynomial, ~1 ulp on the range that matters here)
-inline __m256 exp256(__m256 x) {
-  x = _mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f));
-  x = _mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f));
-  __m256 fx = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f));
-  fx = _mm256_floor_ps(fx);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 z = _mm256_mul_ps(x, x);
-  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
-  y = _mm256_fmadd_ps(y, z, _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
-#endif
-
-// p[i] = s[i] == -inf ? 0 : exp(s[i] - m); returns sum(p). m is finite.
-inline float exp_shift(const float* s, float m, float* p, int n) {
-  int i = 0;
-  float sum = 0.f;
-#if HACK_AVX2
-  const __m256 vm = _mm256_set1_ps(m), ninf = _mm256_set1_ps(NEG_INF);
-  __m256 acc = _mm256_setzero_ps();
-  for (; i + 8 <= n; i += 8) {
-    __m256 v = _mm256_loadu_ps(s + i);
-    __m256 e = exp256(_mm256_sub_ps(v, vm));
-    e = _mm256_andnot_ps(_mm256_cmp_ps(v, ninf, _CMP_EQ_OQ), e);
-    _mm256_storeu_ps(p + i, e);
-    acc = _mm256_add_ps(acc, e);
-  }
-  alignas(32) float t[8];
-  _mm256_store_ps(t, acc);
-  for (int j = 0; j < 8; ++j) sum += t[j];
-#endif
-  for (; i < n; ++i) {
-    p[i] = s[i] == NEG_INF ? 0.f : std::exp(s[i] - m);
-    sum += p[i];
-  }
-  return sum;
-}
-
-// out[j] = sum_c a[c] * k[j * D + c] for 8 consecutive tokens j (int16 codes, exact int32)
-inline void kdot8(const int16_t* a, const int16_t* k, int D, int32_t* out) {
-#if HACK_AVX2
-  __m256i acc[8];
-  for (int j = 0; j < 8; ++j) {
-    __m256i s = _mm256_setzero_si256();
-    for (int c = 0; c < D; c += 16)
-      s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_loadu_si256((const __m256i*)(a + c)),
-                                                _mm256_loadu_si256((const __m256i*)(k + j * D + c))));
-    acc[j] = s;
-  }
-  __m256i t0 = _mm256_hadd_epi32(acc[0], acc[1]), t1 = _mm256_hadd_epi32(acc[2], acc[3]);
-  __m256i t2 = _mm256_hadd_epi32(acc[4], acc[5]), t3 = _mm256_hadd_epi32(acc[6], acc[7]);
-  __m256i u0 = _mm256_hadd_epi32(t0, t1), u1 = _mm256_hadd_epi32(t2, t3);
-  __m256i r = _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20),
-                               _mm256_permute2x128_si256(u0, u1, 0x31));
-  _mm256_storeu_si256((__m256i*)out, r);
-#else
-  for (int j = 0; j < 8; ++j) {
-    int32_t s = 0;
-    for (int c = 0; c < D; ++c) s += int32_t(a[c]) * int32_t(k[j * D + c]);
-    out[j] = s;
-  }
-#endif
-}
-
-// Scores of one row over n tokens (n % 8 == 0): s = (s_a * dot + m_a * ksum) + qkm, the
-// reference's operation order; tokens at kpos > qpos or kpos < lo_mask are -inf. Returns max.
-inline float scores(const int32_t* dots, const float* ksum, float s_a, float m_a, float qkm,
-                    int kpos0, int qpos, int lo_mask, float* s, int n) {
-  float mx = NEG_INF;
-  const bool need_mask = kpos0 + n - 1 > qpos || kpos0 < lo_mask;
-#if HACK_AVX2
-  const __m256 va = _mm256_set1_ps(s_a), vm = _mm256_set1_ps(m_a), vq = _mm256_set1_ps(qkm);
-  const __m256 ninf = _mm256_set1_ps(NEG_INF);
-  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i vqp = _mm256_set1_epi32(qpos), vlo = _mm256_set1_epi32(lo_mask);
-  __m256 vmx = ninf;
-  for (int t = 0; t < n; t += 8) {
-    __m256 f = _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i*)(dots + t)));
-    __m256 v = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(va, f),
-                                           _mm256_mul_ps(vm, _mm256_loadu_ps(ksum + t))), vq);
-    if (need_mask) {
-      __m256i kp = _mm256_add_epi32(_mm256_set1_epi32(kpos0 + t), iota);
-      __m256i bad = _mm256_or_si256(_mm256_cmpgt_epi32(kp, vqp), _mm256_cmpgt_epi32(vlo, kp));
-      v = _mm256_blendv_ps(v, ninf, _mm256_castsi256_ps(bad));
-    }
-    _mm256_storeu_ps(s + t, v);
-    vmx = _mm256_max_ps(vmx, v);
-  }
-  alignas(32) float tmp[8];
-  _mm256_store_ps(tmp, vmx);
-  for (int j = 0; j < 8; ++j) mx = std::max(mx, tmp[j]);
-#else
-  for (int t = 0; t < n; ++t) {
-    const int kp = kpos0 + t;
-    s[t] = (need_mask && (kp > qpos || kp < lo_mask)) ? NEG_INF
-                                                     : (s_a * float(dots[t]) + m_a * ksum[t]) + qkm;
-    mx = std::max(mx, s[t]);
-  }
-#endif
-  return mx;
-}
-
-// out[c] = sum_t w[t] * x[t * stride + c], c < 32 (exact: integer values below 2^24)
-inline void wsum32(const float* x, int stride, const float* w, int n, float* out) {
-#if HACK_AVX2
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-  for (int t = 0; t < n; ++t) {
-    const __m256 wt = _mm256_broadcast_ss(w + t);
-    const float* r = x + size_t(t) * stride;
-    a0 = _mm256_fmadd_ps(wt, _mm256_loadu_ps(r), a0);
-    a1 = _mm256_fmadd_ps(wt, _mm256_loadu_ps(r + 8), a1);
-    a2 = _mm256_fmadd_ps(wt, _mm256_loadu_ps(r + 16), a2);
-    a3 = _mm256_fmadd_ps(wt, _mm256_loadu_ps(r + 24), a3);
-  }
-  _mm256_storeu_ps(out, a0);
-  _mm256_storeu_ps(out + 8, a1);
-  _mm256_storeu_ps(out + 16, a2);
-  _mm256_storeu_ps(out + 24, a3);
-#else
-  for (int c = 0; c < 32; ++c) out[c] = 0.f;
-  for (int t = 0; t < n; ++t)
-    for (int c = 0; c < 32; ++c) out[c] += w[t] * x[size_t(t) * stride + c];
-#endif
 }
 
 }  // namespace hack
