@@ -242,9 +242,11 @@ void attend(const Ctx& C, int64_t max_splits) {
     }
   });
   if (W == tiles) return;
-  at::parallel_for(0, tiles, threads == 1 ? tiles : 1, [&](int64_t b, int64_t e) {  // merge splits
+  // merge the splits, on this thread: tiles are split only when there are fewer than
+  // 2 x threads of them, so this is a few tiles' rows (a second fork / join costs more)
+  {
     std::vector<float> acc(size_t(BM) * D), l(BM);
-    for (int64_t k = b; k < e; ++k) {
+    for (int64_t k = 0; k < tiles; ++k) {
       const Item& it = work[first_split[k]];
       for (int i = 0; i < it.nrows; ++i) {
         float M = NEG_INF;
@@ -262,7 +264,7 @@ void attend(const Ctx& C, int64_t max_splits) {
       }
       store(it, acc.data(), l.data());
     }
-  });
+  }
 }
 
 }  // namespace hack

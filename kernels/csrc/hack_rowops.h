@@ -191,11 +191,14 @@ inline float exp_shift(const float* s, float m, float* p, int n) {
     acc = _mm256_add_ps(acc, _mm512_extractf32x8_ps(e, 1));
   }
 #endif
-  for (; i + 8 <= n; i += 8) {
-    __m256 v = _mm256_loadu_ps(s + i);
+  for (; i < n; i += 8) {  // the last block masked (short rows: sinks, the open partition)
+    const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(n - i),
+                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    __m256 v = _mm256_maskload_ps(s + i, live);
     __m256 e = exp256(_mm256_sub_ps(v, vm));
+    e = _mm256_and_ps(e, _mm256_castsi256_ps(live));
     e = _mm256_andnot_ps(_mm256_cmp_ps(v, ninf, _CMP_EQ_OQ), e);
-    _mm256_storeu_ps(p + i, e);
+    _mm256_maskstore_ps(p + i, live, e);
     acc = _mm256_add_ps(acc, e);
   }
   alignas(32) float t[8];
