@@ -85,9 +85,8 @@ struct Scratch {  // per thread, reused across calls
   Part part[CH];
   RowTmp row;
   std::vector<float> s, p;  // [BM][CH Π]: scores, softmax numerators of a chunk
-  int D, Pi, bits;
-  Scratch(int D_, int Pi_, int bits_) : D(D_), Pi(Pi_), bits(bits_) {
-    for (Part& P : part) P.size(D, Pi, bits);
+  int D, Pi;
+  Scratch(int D_, int Pi_) : D(D_), Pi(Pi_) {  // parts are sized per record layout in load()
     row.size(D, Pi);
     s.resize(size_t(BM) * CH * Pi), p.resize(size_t(BM) * CH * Pi);
   }
@@ -225,8 +224,7 @@ void attend(const Ctx& C, int64_t max_splits) {
     static thread_local std::unique_ptr<Scratch> tls;  // reused across calls
     static thread_local Acc A;
     static thread_local std::vector<float> q_tile;
-    if (!tls || tls->D != D || tls->Pi != Pi || tls->bits != C.L.bits)
-      tls.reset(new Scratch(D, Pi, C.L.bits));
+    if (!tls || tls->D != D || tls->Pi != Pi) tls.reset(new Scratch(D, Pi));
     Scratch& S = *tls;
     A.o.resize(size_t(BM) * D);
     q_tile.resize(size_t(BM) * D);

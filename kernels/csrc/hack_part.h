@@ -43,7 +43,8 @@ struct Part {  // one record, unpacked; per thread, reused
   std::vector<float> vc;                            // generic: V codes [Π][D]
   std::vector<uint8_t> kc8, vp8;                    // lowbit: K bit planes, V token pairs
   const uint8_t* rec = nullptr;                     // vnni: codes read in place
-  void size(int D_, int Pi_, int bits_) {
+  void size(int D_, int Pi_, int bits_) {  // no-op if unchanged; buffers only grow
+    if (D_ == D && Pi_ == Pi && bits_ == bits) return;
     D = D_, Pi = Pi_, bits = bits_, path = path_for(bits);
     const int G = D / VG;
     ks.resize(D), km.resize(D), ksum.resize(Pi), vsum.resize(D);
@@ -71,6 +72,7 @@ struct RowTmp {  // per thread: temporaries of up to RB rows
 
 inline void load(const Lay& L, const uint8_t* rec, Part& P, RowTmp& T) {
   const int D = L.D, Pi = L.Pi, G = D / VG;
+  P.size(D, Pi, L.bits);
 #if HACK_VNNI
   if (P.path == Path::vnni) {
     P.rec = rec;
