@@ -31,7 +31,7 @@ struct Ctx {
   int64_t s_bt;
 };
 
-// The instruction set the code products run on: "avx512-vnni" (4 bits; 8 / 2 bits use
+// The instruction set the code products run on: "avx512-vnni" (4 and 8 bits; 2 bits use
 // avx2), "avx2" or "scalar".
 const char* isa();
 

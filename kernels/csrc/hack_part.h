@@ -7,7 +7,7 @@
 //      sum_t p_t v_t = s_b (b'.vcode) + m_b vsum + sum_t p_t v_min[t, g].
 // Three steps: `load` unpacks the record once (shared by the tile's rows), `scores` gives up
 // to RB rows' Π scores, `values` adds their P.V to their accumulators. The integer
-// products run on vpdpbusd (4 bits with AVX-512 VNNI, hack_vnni.h), maddubs (4/2 bits with AVX2,
+// products run on vpdpbusd (4 / 8 bits with AVX-512 VNNI, hack_vnni.h), maddubs (4/2 bits with AVX2,
 // hack_lowbit.h) or int16 / fp32 (8 bits, or no AVX2); all are exact.
 #pragma once
 #include <vector>
@@ -25,7 +25,7 @@ constexpr int VG = 32;  // V group (channels per V scale)
 enum class Path { vnni, lowbit, generic };
 
 inline Path path_for(int bits) {
-  if (HACK_VNNI && bits == 4) return Path::vnni;
+  if (HACK_VNNI && (bits == 4 || bits == 8)) return Path::vnni;
   if (HACK_AVX2 && bits != 8) return Path::lowbit;
   return Path::generic;
 }
@@ -122,7 +122,7 @@ inline void scores(const Part& P, const Lay& L, int n, const float* const* q, co
     dots[r] = T.dots.data() + r * Pi;
     qkm[r] = quant_a(P, q[r], s_a[r], m_a[r], T);
 #if HACK_VNNI
-    if (P.path == Path::vnni) vnni::a_order(T.codes.data(), D, T.ak[r]);
+    if (P.path == Path::vnni) vnni::a_order(T.codes.data(), D, P.bits, T.ak[r]);
 #endif
 #if HACK_AVX2
     if (P.path == Path::lowbit) {
@@ -138,7 +138,7 @@ inline void scores(const Part& P, const Lay& L, int n, const float* const* q, co
 #if HACK_VNNI
   if (P.path == Path::vnni) {
     const int8_t* ak[RB] = {T.ak[0], T.ak[1], T.ak[2], T.ak[3]};
-    vnni::kdots_rows(P.rec + L.off_kc, D, Pi, L.row, n, ak, P.ksum128.data(), dots);
+    vnni::kdots_rows(P.bits, P.rec + L.off_kc, Pi, L.row, n, ak, P.ksum128.data(), dots);
   }
 #endif
   for (int r = 0; r < n; ++r)
@@ -172,7 +172,8 @@ inline void values(const Part& P, const Lay& L, int n, const float* const* p, fl
 #if HACK_VNNI
     if (P.path == Path::vnni) {
       const int8_t* bk[RB] = {T.bk[0], T.bk[1], T.bk[2], T.bk[3]};
-      vnni::vdots_rows(P.rec + L.off_vc, Pi, L.row, g, n, bk, P.vsum128.data() + g * VG, dotv);
+      vnni::vdots_rows(P.bits, P.rec + L.off_vc, Pi, L.row, g, n, bk, P.vsum128.data() + g * VG,
+                       dotv);
     }
 #endif
     const float* vsg = P.vsum.data() + g * VG;

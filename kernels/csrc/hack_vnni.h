@@ -1,8 +1,8 @@
-// HACK (arXiv 2502.03589) CPU kernel: AVX-512 VNNI code products for 4-bit KV.
+// HACK (arXiv 2502.03589) CPU kernel: AVX-512 VNNI code products for 4- and 8-bit KV.
 //
 // Rule: the same exact integer products as hack_lowbit.h (a'.kcode_t over the channels,
 // b'.vcode[:, c] over the Π tokens of a partition), on vpdpbusd (u8 x s8, 4 products summed
-// into an int32 lane, no saturation). The KV codes (0..15) are the unsigned operand and the
+// into an int32 lane, no saturation). The KV codes (0..15 / 0..255) are the unsigned operand and the
 // on-the-fly 8-bit codes, shifted to s8 (x' - 128), the signed one, broadcast 4 bytes at a time;
 // the record's cached code sums put the shift back: a'.k_t = dp_t + 128 ksum_t and
 // b'.v_c = dp_c + 128 vsum_c. Results equal the AVX2 path's bit for bit.
@@ -31,9 +31,12 @@ inline __m512i load4rows(const uint8_t* p, int row, int off) {
   return _mm512_inserti32x4(x, _mm_loadu_si128((const __m128i*)(p + 3 * row + off)), 3);
 }
 
-// a' (fp32 codes 0..255, [D]) -> a' - 128 as s8 in the K operand order: byte ((c 4 + q) 2 + h) 4 + j
-// is channel 32 c + 2 (4 q + j) + h.
-inline void a_order(const float* codes, int D, int8_t* ak) {
+// a' (fp32 codes 0..255, [D]) -> a' - 128 as s8 in the K operand order: 4 bits, byte
+// ((c 4 + q) 2 + h) 4 + j is channel 32 c + 2 (4 q + j) + h; 8 bits, channel order.
+inline void b_s8(const float* codes, int Pi, int8_t* bk);
+
+inline void a_order(const float* codes, int D, int bits, int8_t* ak) {
+  if (bits == 8) return b_s8(codes, D, ak);  // 8 bits: channel order
   alignas(64) static const struct Idx {
     uint8_t v[64];
     Idx() {
@@ -66,9 +69,11 @@ inline void b_s8(const float* codes, int Pi, int8_t* bk) {
 // Several query rows (NR <= 4) at once, straight from the record (no scratch): each tile's
 // transposed K and each quad's V codes stay in registers and serve every row.
 
-// dots[r][t] = a'_r.kcode_t, t < Π; ak[r]: a_order of row r; ksum128[t] = 128 ksum_t
-template <int NR>
-inline void kdots_rows_nr(const uint8_t* kc, int D, int Pi, int row, const int8_t* const* ak,
+// dots[r][t] = a'_r.kcode_t, t < Π; ak[r]: a_order of row r; ksum128[t] = 128 ksum_t.
+// A row's 16-byte chunk c, dword q holds channels 16 c + 4 q + j (8 bits: one operand) or
+// 32 c + 2 (4 q + j) + h in its nibble planes h (4 bits: two operands).
+template <int BITS, int NR>
+inline void kdots_rows_nr(const uint8_t* kc, int Pi, int row, const int8_t* const* ak,
                           const int32_t* ksum128, int32_t* const* dots) {
   alignas(64) static const int32_t idx[4][16] = {
       {0, 4, 8, 12, 16, 20, 24, 28}, {1, 5, 9, 13, 17, 21, 25, 29},
@@ -77,7 +82,7 @@ inline void kdots_rows_nr(const uint8_t* kc, int D, int Pi, int row, const int8_
   for (int t = 0; t < Pi; t += 16) {
     __m512i acc[NR];
     for (int r = 0; r < NR; ++r) acc[r] = _mm512_loadu_si512(ksum128 + t);
-    for (int c = 0; c < D / 32; ++c) {
+    for (int c = 0; c < row / 16; ++c) {
       __m512i x[4];
       for (int k = 0; k < 4; ++k) x[k] = load4rows(kc + (t + 4 * k) * row, row, 16 * c);
       for (int q = 0; q < 4; ++q) {
@@ -85,12 +90,20 @@ inline void kdots_rows_nr(const uint8_t* kc, int D, int Pi, int row, const int8_
         const __m512i y = _mm512_inserti64x4(
             _mm512_permutex2var_epi32(x[0], ix, x[1]),
             _mm512_castsi512_si256(_mm512_permutex2var_epi32(x[2], ix, x[3])), 1);
-        const __m512i lo = _mm512_and_si512(y, m4), hi = _mm512_and_si512(_mm512_srli_epi16(y, 4), m4);
-        for (int r = 0; r < NR; ++r) {
-          int32_t w[2];
-          std::memcpy(w, ak[r] + 8 * (c * 4 + q), 8);
-          acc[r] = _mm512_dpbusd_epi32(acc[r], lo, _mm512_set1_epi32(w[0]));
-          acc[r] = _mm512_dpbusd_epi32(acc[r], hi, _mm512_set1_epi32(w[1]));
+        if constexpr (BITS == 8) {
+          for (int r = 0; r < NR; ++r) {
+            int32_t w;
+            std::memcpy(&w, ak[r] + 4 * (c * 4 + q), 4);
+            acc[r] = _mm512_dpbusd_epi32(acc[r], y, _mm512_set1_epi32(w));
+          }
+        } else {
+          const __m512i lo = _mm512_and_si512(y, m4), hi = _mm512_and_si512(_mm512_srli_epi16(y, 4), m4);
+          for (int r = 0; r < NR; ++r) {
+            int32_t w[2];
+            std::memcpy(w, ak[r] + 8 * (c * 4 + q), 8);
+            acc[r] = _mm512_dpbusd_epi32(acc[r], lo, _mm512_set1_epi32(w[0]));
+            acc[r] = _mm512_dpbusd_epi32(acc[r], hi, _mm512_set1_epi32(w[1]));
+          }
         }
       }
     }
@@ -98,16 +111,25 @@ inline void kdots_rows_nr(const uint8_t* kc, int D, int Pi, int row, const int8_
   }
 }
 
-inline void kdots_rows(const uint8_t* kc, int D, int Pi, int row, int nr, const int8_t* const* ak,
-                       const int32_t* ksum128, int32_t* const* dots) {
-  if (nr == 1) kdots_rows_nr<1>(kc, D, Pi, row, ak, ksum128, dots);
-  else if (nr == 2) kdots_rows_nr<2>(kc, D, Pi, row, ak, ksum128, dots);
-  else if (nr == 3) kdots_rows_nr<3>(kc, D, Pi, row, ak, ksum128, dots);
-  else kdots_rows_nr<4>(kc, D, Pi, row, ak, ksum128, dots);
+template <int BITS>
+inline void kdots_rows_b(const uint8_t* kc, int Pi, int row, int nr, const int8_t* const* ak,
+                         const int32_t* ksum128, int32_t* const* dots) {
+  if (nr == 1) kdots_rows_nr<BITS, 1>(kc, Pi, row, ak, ksum128, dots);
+  else if (nr == 2) kdots_rows_nr<BITS, 2>(kc, Pi, row, ak, ksum128, dots);
+  else if (nr == 3) kdots_rows_nr<BITS, 3>(kc, Pi, row, ak, ksum128, dots);
+  else kdots_rows_nr<BITS, 4>(kc, Pi, row, ak, ksum128, dots);
 }
 
-// out[r][c] = b'_r.vcode[:, 32 g + c], c < 32 (fp32); bk[r]: b' - 128 (b_s8) of row r
-template <int NR>
+inline void kdots_rows(int bits, const uint8_t* kc, int Pi, int row, int nr,
+                       const int8_t* const* ak, const int32_t* ksum128, int32_t* const* dots) {
+  if (bits == 8) kdots_rows_b<8>(kc, Pi, row, nr, ak, ksum128, dots);
+  else kdots_rows_b<4>(kc, Pi, row, nr, ak, ksum128, dots);
+}
+
+// out[r][c] = b'_r.vcode[:, 32 g + c], c < 32 (fp32); bk[r]: b' - 128 (b_s8) of row r. Per
+// token quad, vpermb puts byte i of the 4 tokens in dword i: 4 bits, one gather of the group's
+// 16 bytes, nibble planes = channels 2 i / 2 i + 1; 8 bits, two gathers = channels i / 16 + i.
+template <int BITS, int NR>
 inline void vdots_rows_nr(const uint8_t* vc, int Pi, int row, int g, const int8_t* const* bk,
                           const int32_t* vsum128, float* const* out) {
   alignas(64) static const struct Idx {
@@ -115,36 +137,51 @@ inline void vdots_rows_nr(const uint8_t* vc, int Pi, int row, int g, const int8_
     Idx() { for (int o = 0; o < 64; ++o) v[o] = uint8_t(16 * (o % 4) + o / 4); }
   } idx;
   const __m512i ix = _mm512_load_si512(idx.v), m4 = _mm512_set1_epi8(0x0F);
-  __m512i even[NR], odd[NR];
-  for (int r = 0; r < NR; ++r) even[r] = odd[r] = _mm512_setzero_si512();
+  __m512i u[NR], w[NR];  // 4 bits: even / odd channels; 8 bits: channels 0..15 / 16..31
+  for (int r = 0; r < NR; ++r) u[r] = w[r] = _mm512_setzero_si512();
   for (int tq = 0; tq < Pi / 4; ++tq) {
-    const __m512i x = _mm512_permutexvar_epi8(ix, load4rows(vc + 4 * tq * row, row, 16 * g));
-    const __m512i lo = _mm512_and_si512(x, m4), hi = _mm512_and_si512(_mm512_srli_epi16(x, 4), m4);
+    const uint8_t* src = vc + 4 * tq * row;
+    __m512i a, b;
+    if constexpr (BITS == 8) {
+      a = _mm512_permutexvar_epi8(ix, load4rows(src, row, 32 * g));
+      b = _mm512_permutexvar_epi8(ix, load4rows(src, row, 32 * g + 16));
+    } else {
+      const __m512i x = _mm512_permutexvar_epi8(ix, load4rows(src, row, 16 * g));
+      a = _mm512_and_si512(x, m4), b = _mm512_and_si512(_mm512_srli_epi16(x, 4), m4);
+    }
     for (int r = 0; r < NR; ++r) {
-      int32_t w;
-      std::memcpy(&w, bk[r] + 4 * tq, 4);
-      const __m512i bb = _mm512_set1_epi32(w);
-      even[r] = _mm512_dpbusd_epi32(even[r], lo, bb);
-      odd[r] = _mm512_dpbusd_epi32(odd[r], hi, bb);
+      int32_t bw;
+      std::memcpy(&bw, bk[r] + 4 * tq, 4);
+      const __m512i bb = _mm512_set1_epi32(bw);
+      u[r] = _mm512_dpbusd_epi32(u[r], a, bb);
+      w[r] = _mm512_dpbusd_epi32(w[r], b, bb);
     }
   }
   const __m512i il = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
   const __m512i ih = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
   const __m512i s0 = _mm512_loadu_si512(vsum128), s1 = _mm512_loadu_si512(vsum128 + 16);
   for (int r = 0; r < NR; ++r) {
-    const __m512i lo = _mm512_permutex2var_epi32(even[r], il, odd[r]);  // channels 0..15
-    const __m512i hi = _mm512_permutex2var_epi32(even[r], ih, odd[r]);  // 16..31
+    __m512i lo = u[r], hi = w[r];  // channels 0..15, 16..31
+    if constexpr (BITS == 4)
+      lo = _mm512_permutex2var_epi32(u[r], il, w[r]), hi = _mm512_permutex2var_epi32(u[r], ih, w[r]);
     _mm512_storeu_ps(out[r], _mm512_cvtepi32_ps(_mm512_add_epi32(lo, s0)));
     _mm512_storeu_ps(out[r] + 16, _mm512_cvtepi32_ps(_mm512_add_epi32(hi, s1)));
   }
 }
 
-inline void vdots_rows(const uint8_t* vc, int Pi, int row, int g, int nr, const int8_t* const* bk,
-                       const int32_t* vsum128, float* const* out) {
-  if (nr == 1) vdots_rows_nr<1>(vc, Pi, row, g, bk, vsum128, out);
-  else if (nr == 2) vdots_rows_nr<2>(vc, Pi, row, g, bk, vsum128, out);
-  else if (nr == 3) vdots_rows_nr<3>(vc, Pi, row, g, bk, vsum128, out);
-  else vdots_rows_nr<4>(vc, Pi, row, g, bk, vsum128, out);
+template <int BITS>
+inline void vdots_rows_b(const uint8_t* vc, int Pi, int row, int g, int nr,
+                         const int8_t* const* bk, const int32_t* vsum128, float* const* out) {
+  if (nr == 1) vdots_rows_nr<BITS, 1>(vc, Pi, row, g, bk, vsum128, out);
+  else if (nr == 2) vdots_rows_nr<BITS, 2>(vc, Pi, row, g, bk, vsum128, out);
+  else if (nr == 3) vdots_rows_nr<BITS, 3>(vc, Pi, row, g, bk, vsum128, out);
+  else vdots_rows_nr<BITS, 4>(vc, Pi, row, g, bk, vsum128, out);
+}
+
+inline void vdots_rows(int bits, const uint8_t* vc, int Pi, int row, int g, int nr,
+                       const int8_t* const* bk, const int32_t* vsum128, float* const* out) {
+  if (bits == 8) vdots_rows_b<8>(vc, Pi, row, g, nr, bk, vsum128, out);
+  else vdots_rows_b<4>(vc, Pi, row, g, nr, bk, vsum128, out);
 }
 
 // 128 x int16 sums -> int32
