@@ -1,10 +1,12 @@
-"""Per-round paired output tok/s ratio kv4 / bf16 at --max-num-seqs 1/8/32 (results/hack-engine-mns*)."""
-import json, random
+"""Per-round paired output tok/s ratio kv4 / bf16 at --max-num-seqs 1/8/32 (PREFIX-mns*, default
+results/hack-engine): `plot_hack_engine.py [PREFIX]`."""
+import json, random, sys
 import matplotlib; matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+prefix = sys.argv[1] if len(sys.argv) > 1 else "results/hack-engine"
 fig, ax = plt.subplots(figsize=(5.5, 3.6))
 for x, m in enumerate((1, 8, 32)):
-    rows = json.load(open(f"results/hack-engine-mns{m}/compare.json"))["rows"]
+    rows = json.load(open(f"{prefix}-mns{m}/compare.json"))["rows"]
     by = {(r["config"], r["round"]): r["output_throughput"] for r in rows}
     rounds = sorted({k[1] for k in by})
     ratios = [by[("kv4", i)] / by[("bf16", i)] for i in rounds]
