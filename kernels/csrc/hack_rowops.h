@@ -130,48 +130,36 @@ inline void axpby(float* y, float alpha, const float* x, float w, int n) {
 
 inline void scale_inplace(float* y, float alpha, int n) { axpby(y, alpha, y, 0.0f, n); }
 
+// exp (Cephes polynomial, ~1 ulp on the range that matters here), one body for both widths:
+// W = 256 (AVX2) or 512 (AVX-512), the same operations per lane.
+#define HACK_EXP_BODY(W, FLOOR, AS_PS)                                                        \
+  x = _mm##W##_min_ps(x, _mm##W##_set1_ps(88.3762626647949f));                               \
+  x = _mm##W##_max_ps(x, _mm##W##_set1_ps(-88.3762626647949f));                              \
+  auto fx = FLOOR(_mm##W##_fmadd_ps(x, _mm##W##_set1_ps(1.44269504088896341f),               \
+                                    _mm##W##_set1_ps(0.5f)));                                 \
+  x = _mm##W##_fnmadd_ps(fx, _mm##W##_set1_ps(0.693359375f), x);                             \
+  x = _mm##W##_fnmadd_ps(fx, _mm##W##_set1_ps(-2.12194440e-4f), x);                          \
+  const auto z = _mm##W##_mul_ps(x, x);                                                      \
+  auto y = _mm##W##_set1_ps(1.9875691500E-4f);                                               \
+  y = _mm##W##_fmadd_ps(y, x, _mm##W##_set1_ps(1.3981999507E-3f));                          \
+  y = _mm##W##_fmadd_ps(y, x, _mm##W##_set1_ps(8.3334519073E-3f));                          \
+  y = _mm##W##_fmadd_ps(y, x, _mm##W##_set1_ps(4.1665795894E-2f));                          \
+  y = _mm##W##_fmadd_ps(y, x, _mm##W##_set1_ps(1.6666665459E-1f));                          \
+  y = _mm##W##_fmadd_ps(y, x, _mm##W##_set1_ps(5.0000001201E-1f));                          \
+  y = _mm##W##_fmadd_ps(y, z, _mm##W##_add_ps(x, _mm##W##_set1_ps(1.0f)));                  \
+  return _mm##W##_mul_ps(y, AS_PS(_mm##W##_slli_epi32(                                       \
+      _mm##W##_add_epi32(_mm##W##_cvttps_epi32(fx), _mm##W##_set1_epi32(127)), 23)))
+
 #if HACK_AVX2
-// exp for AVX2 (Cephes polynomial, ~1 ulp on the range that matters here)
-inline __m256 exp256(__m256 x) {
-  x = _mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f));
-  x = _mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f));
-  __m256 fx = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f));
-  fx = _mm256_floor_ps(fx);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 z = _mm256_mul_ps(x, x);
-  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
-  y = _mm256_fmadd_ps(y, z, _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
+inline __m256 exp256(__m256 x) { HACK_EXP_BODY(256, _mm256_floor_ps, _mm256_castsi256_ps); }
 #endif
 #if HACK_AVX512
-// exp512: exp256's operations on 16 lanes
-inline __m512 exp512(__m512 x) {
-  x = _mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f));
-  x = _mm512_max_ps(x, _mm512_set1_ps(-88.3762626647949f));
-  __m512 fx = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f));
-  fx = _mm512_roundscale_ps(fx, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
-  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
-  __m512 z = _mm512_mul_ps(x, x);
-  __m512 y = _mm512_set1_ps(1.9875691500E-4f);
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507E-3f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073E-3f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894E-2f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459E-1f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201E-1f));
-  y = _mm512_fmadd_ps(y, z, _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
-  __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(fx), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+inline __m512 floor512(__m512 x) {
+  return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
 }
+inline __m512 exp512(__m512 x) { HACK_EXP_BODY(512, floor512, _mm512_castsi512_ps); }
 #endif
+#undef HACK_EXP_BODY
 
 // p[i] = s[i] == -inf ? 0 : exp(s[i] - m); returns sum(p). m is finite.
 inline float exp_shift(const float* s, float m, float* p, int n) {
