@@ -1,13 +1,13 @@
 // HACK (arXiv 2502.03589): fused CPU attention on the quantized paged KV cache.
 //
 // Rule (same arithmetic as kernels/reference.py, the oracle; the per-partition steps are in
-// hack_part.h): sealed partitions of Π tokens are attended on their integer codes, the sinks
-// and the open partition in 16-bit from their pools, and one online softmax joins the parts.
-// One call per layer for all requests: work items are (request, KV head, query-row tile,
-// context split), run with at::parallel_for; split partials are merged after. Records are read
-// in place through the block table, CH partitions at a time (the first chunk joined by the
-// 16-bit tokens): each phase (scores, one online-softmax step, values) runs for every (row,
-// partition) pair of the chunk before the next, so the core overlaps their dependency chains.
+// hack_part.h): sealed partitions of Π tokens are attended on their integer codes, sinks and the
+// open partition in 16-bit from their pools, and one online softmax joins the parts. One call
+// per layer for all requests: work items are (request, KV head, query-row tile, context split),
+// run with at::parallel_for; split partials are merged after. Records are read in place
+// through the block table, CH partitions at a time: each phase (scores, softmax step, values)
+// runs for every (row, partition) pair of the chunk before the next, so the core overlaps
+// their dependency chains, and the softmax rescales once per chunk.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -49,56 +49,61 @@ inline bool online(Acc& A, int i, int D, const float* s, float mx, float* p, int
   return true;
 }
 
-struct DenseTmp {  // per thread (in Scratch: a thread_local here costs a TLS lookup per use)
-  std::vector<float> kv;  // [n][2D]
-  std::vector<int> kpos;
-};
-
-// The item's 16-bit tokens (the sinks, the open partition) from their pools as fp32 rows
-// T.kv [n][2D] with their positions T.kpos; returns n.
 template <bool BF16>
-int dense_tokens(const Ctx& C, const Item& it, DenseTmp& T) {
+void dense_part(const Ctx& C, const Item& it, const float* qt, const int* qpos, Acc& A) {
   const int D = C.L.D, Pi = C.L.Pi, r = it.r;
   const int L = C.seq[r], ns = L / Pi, n_open = L - ns * Pi;
   const int sink = C.kslot[r], slot = C.sslot[r];
-  T.kv.clear(), T.kpos.clear();
-  if (!it.dense) return 0;
+  static thread_local std::vector<float> kv, s, p;  // kv [n][2D]; capacity kept across calls
+  static thread_local std::vector<int> kpos;
+  kv.clear(), kpos.clear();
   auto add = [&](const uint16_t* base, int n, int pos0) {
-    size_t at = T.kv.size();
-    T.kv.resize(at + size_t(n) * 2 * D);
-    cvt16<BF16>(base, T.kv.data() + at, n * 2 * D);
-    for (int t = 0; t < n; ++t) T.kpos.push_back(pos0 + t);
+    size_t at = kv.size();
+    kv.resize(at + size_t(n) * 2 * D);
+    cvt16<BF16>(base, kv.data() + at, n * 2 * D);
+    for (int t = 0; t < n; ++t) kpos.push_back(pos0 + t);
   };
   if (sink >= 0 && ns > 0) add(C.sinks + sink * C.s_ks + it.h * C.s_kh, SINK, 0);
   if (slot >= 0 && n_open > 0) add(C.stage + slot * C.s_ss + it.h * C.s_sh, n_open, ns * Pi);
-  return int(T.kpos.size());
+  const int n = int(kpos.size());
+  if (n == 0) return;
+  s.resize(n), p.resize(n);
+  for (int i = 0; i < it.nrows; ++i) {
+    const float* qi = qt + i * D;
+    for (int t = 0; t < n; ++t)
+      s[t] = kpos[t] <= qpos[i] ? dot_f32(qi, kv.data() + size_t(t) * 2 * D, D) : NEG_INF;
+    float mx = NEG_INF;
+    for (int t = 0; t < n; ++t) mx = std::max(mx, s[t]);
+    if (!online(A, i, D, s.data(), mx, p.data(), n)) continue;
+    float* o = A.o.data() + i * D;
+    for (int t = 0; t < n; ++t)
+      if (p[t] != 0.f) axpby(o, 1.0f, kv.data() + size_t(t) * 2 * D + D, p[t], D);
+  }
 }
 
 struct Scratch {  // per thread, reused across calls
   Part part[CH];
   RowTmp row;
-  DenseTmp dense;
-  std::vector<float> s, p;  // [BM][W]: a chunk's scores, softmax numerators
-  int D, Pi, W;              // W: CH sealed partitions + the 16-bit tokens (sinks + open part)
-  Scratch(int D_, int Pi_) : D(D_), Pi(Pi_), W(CH * Pi_ + Pi_ + SINK) {
-    row.size(D, Pi);  // parts are sized per record layout in load()
-    s.resize(size_t(BM) * W), p.resize(size_t(BM) * W);
+  std::vector<float> s, p;  // [BM][CH Π]: scores, softmax numerators of a chunk
+  int D, Pi;
+  Scratch(int D_, int Pi_) : D(D_), Pi(Pi_) {  // parts are sized per record layout in load()
+    row.size(D, Pi);
+    s.resize(size_t(BM) * CH * Pi), p.resize(size_t(BM) * CH * Pi);
   }
 };
 
-// One tile's keys: the sealed partitions [p0, p1) CH at a time, the first chunk joined by the
-// nd 16-bit tokens of S.dense (one softmax step for both). Per chunk: load the records, then
-// each phase for every (row, partition) pair before the next (independent chains the core can
-// overlap), one online-softmax step per row.
-void attend_tile(const Ctx& C, const Item& it, const float* qt, const int* qpos, Acc& A,
-                 Scratch& S, int nd) {
+// The sealed partitions [p0, p1) of one tile, CH at a time: load the CH records, then each
+// phase for every (row, partition) pair before the next (independent chains the core can
+// overlap), one online-softmax step per row and chunk.
+void sealed_parts(const Ctx& C, const Item& it, const float* qt, const int* qpos, Acc& A,
+                  Scratch& S) {
   const Lay& L = C.L;
-  const int D = L.D, Pi = L.Pi, r = it.r, W = S.W;
+  const int D = L.D, Pi = L.Pi, r = it.r, W = CH * Pi;
   const bool use_sinks = C.kslot[r] >= 0 && C.seq[r] / Pi > 0;
-  float mx[BM][CH + 1];  // per row: each partition's max, then the 16-bit tokens'
-  for (int c0 = it.p0; c0 < it.p1 || nd > 0; c0 += CH, nd = 0) {
-    const int np = std::max(0, std::min(CH, it.p1 - c0));
-    int lo[CH], i0 = nd > 0 ? 0 : it.nrows;  // lo: sinks masked in partition j; i0: first row
+  float mx[BM][CH];
+  for (int c0 = it.p0; c0 < it.p1; c0 += CH) {
+    const int np = std::min(CH, it.p1 - c0);
+    int lo[CH], i0 = it.nrows;  // lo: sink tokens masked in partition j; i0: first row seeing any
     for (int j = 0; j < np; ++j) {
       const int kpos0 = (c0 + j) * Pi;
       lo[j] = (use_sinks && c0 + j == 0) ? SINK : 0;
@@ -128,23 +133,12 @@ void attend_tile(const Ctx& C, const Item& it, const float* qt, const int* qpos,
         for (int k = 0; k < n; ++k) mx[i + k][j] = m[k];
       }
     }
-    const float* kv = S.dense.kv.data();
-    for (int i = i0; i < it.nrows; ++i) {  // the 16-bit tokens' scores, after the partitions'
-      float* s = S.s.data() + size_t(i) * W + np * Pi;
-      float m = NEG_INF;
-      for (int t = 0; t < nd; ++t) {
-        const bool seen = S.dense.kpos[t] <= qpos[i];
-        s[t] = seen ? dot_f32(qt + i * D, kv + size_t(t) * 2 * D, D) : NEG_INF;
-        m = std::max(m, s[t]);
-      }
-      mx[i][CH] = m;
-    }
     bool live[BM];
     for (int i = i0; i < it.nrows; ++i) {  // one online-softmax step per row
-      float m = mx[i][CH];
+      float m = NEG_INF;
       for (int j = 0; j < np; ++j) m = std::max(m, mx[i][j]);
       live[i] = online(A, i, D, S.s.data() + size_t(i) * W, m, S.p.data() + size_t(i) * W,
-                       np * Pi + nd);
+                       np * Pi);
     }
     for (int j = 0; j < np; ++j)  // values, RB live rows at a time
       for (int i = i0; i < it.nrows;) {
@@ -156,12 +150,6 @@ void attend_tile(const Ctx& C, const Item& it, const float* qt, const int* qpos,
             p[n] = S.p.data() + size_t(i) * W + j * Pi, o[n++] = A.o.data() + i * D;
         if (n) values(S.part[j], L, n, p, o, S.row);
       }
-    for (int i = i0; i < it.nrows; ++i) {  // the 16-bit tokens' values
-      if (!live[i] || mx[i][CH] == NEG_INF) continue;
-      const float* p = S.p.data() + size_t(i) * W + np * Pi;
-      for (int t = 0; t < nd; ++t)
-        if (p[t] != 0.f) axpby(A.o.data() + i * D, 1.0f, kv + size_t(t) * 2 * D + D, p[t], D);
-    }
   }
 }
 
@@ -180,7 +168,8 @@ void run_item(const Ctx& C, const Item& it, Acc& A, float* q_tile, Scratch& S) {
     A.l[i] = 0.f;
   }
   std::fill(A.o.begin(), A.o.begin() + size_t(it.nrows) * D, 0.f);
-  attend_tile(C, it, q_tile, qpos, A, S, dense_tokens<BF16>(C, it, S.dense));
+  if (it.dense) dense_part<BF16>(C, it, q_tile, qpos, A);
+  sealed_parts(C, it, q_tile, qpos, A, S);
 }
 
 }  // namespace
