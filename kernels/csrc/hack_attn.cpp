@@ -49,13 +49,21 @@ inline bool online(Acc& A, int i, int D, const float* s, float mx, float* p, int
   return true;
 }
 
+struct DenseTmp {  // per thread (in Scratch: a thread_local here costs a TLS lookup per use)
+  std::vector<float> kv, s, p;  // kv [n][2D]
+  std::vector<int> kpos;
+};
+
+// The item's 16-bit tokens (sinks, open partition) from their pools, in their own online-softmax
+// step before the sealed partitions (the order the engine's greedy-identity test was fixed on).
 template <bool BF16>
-void dense_part(const Ctx& C, const Item& it, const float* qt, const int* qpos, Acc& A) {
+void dense_part(const Ctx& C, const Item& it, const float* qt, const int* qpos, Acc& A,
+                DenseTmp& T) {
   const int D = C.L.D, Pi = C.L.Pi, r = it.r;
   const int L = C.seq[r], ns = L / Pi, n_open = L - ns * Pi;
   const int sink = C.kslot[r], slot = C.sslot[r];
-  static thread_local std::vector<float> kv, s, p;  // kv [n][2D]; capacity kept across calls
-  static thread_local std::vector<int> kpos;
+  std::vector<float>&kv = T.kv, &s = T.s, &p = T.p;
+  std::vector<int>& kpos = T.kpos;
   kv.clear(), kpos.clear();
   auto add = [&](const uint16_t* base, int n, int pos0) {
     size_t at = kv.size();
@@ -84,6 +92,7 @@ void dense_part(const Ctx& C, const Item& it, const float* qt, const int* qpos, 
 struct Scratch {  // per thread, reused across calls
   Part part[CH];
   RowTmp row;
+  DenseTmp dense;
   std::vector<float> s, p;  // [BM][CH Π]: scores, softmax numerators of a chunk
   int D, Pi;
   Scratch(int D_, int Pi_) : D(D_), Pi(Pi_) {  // parts are sized per record layout in load()
@@ -168,7 +177,7 @@ void run_item(const Ctx& C, const Item& it, Acc& A, float* q_tile, Scratch& S) {
     A.l[i] = 0.f;
   }
   std::fill(A.o.begin(), A.o.begin() + size_t(it.nrows) * D, 0.f);
-  if (it.dense) dense_part<BF16>(C, it, q_tile, qpos, A);
+  if (it.dense) dense_part<BF16>(C, it, q_tile, qpos, A, S.dense);
   sealed_parts(C, it, q_tile, qpos, A, S);
 }
 

@@ -7,8 +7,8 @@
 //      sum_t p_t v_t = s_b (b'.vcode) + m_b vsum + sum_t p_t v_min[t, g].
 // Three steps: `load` unpacks the record once (shared by the tile's rows), `scores` gives up
 // to RB rows' Π scores, `values` adds their P.V to their accumulators. The integer
-// products run on vpdpbusd (4 / 8 bits with AVX-512 VNNI, hack_vnni.h), maddubs (4/2 bits with AVX2,
-// hack_lowbit.h) or int16 / fp32 (8 bits, or no AVX2); all are exact.
+// products run on vpdpbusd (4 / 8 bits with AVX-512 VNNI, hack_vnni.h), maddubs (4 / 2 bits
+// with AVX2, hack_lowbit.h) or int16 / fp32 (8 bits, or no AVX2); all are exact.
 #pragma once
 #include <vector>
 

@@ -80,13 +80,15 @@ inline void quant8_mul(const float* x, const float* y, int n, float& s, float& l
   if (n % 16 == 0 && n <= 128) {
     __m512 v[8];
     const int k = n / 16;
-    for (int j = 0; j < k; ++j) v[j] = _mm512_mul_ps(_mm512_loadu_ps(x + 16 * j), _mm512_loadu_ps(y + 16 * j));
+    for (int j = 0; j < k; ++j)
+      v[j] = _mm512_mul_ps(_mm512_loadu_ps(x + 16 * j), _mm512_loadu_ps(y + 16 * j));
     __m512 vmn = v[0], vmx = v[0];
     for (int j = 1; j < k; ++j) vmn = _mm512_min_ps(vmn, v[j]), vmx = _mm512_max_ps(vmx, v[j]);
     lo = _mm512_reduce_min_ps(vmn);
     s = (_mm512_reduce_max_ps(vmx) - lo) / 255.0f;
     const __m512 vlo = _mm512_set1_ps(lo), vs = _mm512_set1_ps(s > 0 ? s : 1.0f);
-    const __m512 half = _mm512_set1_ps(0.5f), zero = _mm512_setzero_ps(), top = _mm512_set1_ps(255.0f);
+    const __m512 half = _mm512_set1_ps(0.5f), zero = _mm512_setzero_ps();
+    const __m512 top = _mm512_set1_ps(255.0f);
     for (int j = 0; j < k; ++j) {
       __m512 c = _mm512_div_ps(_mm512_sub_ps(v[j], vlo), vs);
       c = _mm512_roundscale_ps(_mm512_add_ps(c, half), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);

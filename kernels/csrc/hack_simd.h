@@ -93,8 +93,8 @@ inline void store_scaled(const float* acc, float l, int type, void* dst, int n) 
     if (type == 2) h = _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     else {  // u + 0x7FFF + ((u >> 16) & 1), high half; NaN -> 0x7FC0
       const __m256i u = _mm256_castps_si256(x);
-      __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(
-          _mm256_set1_epi32(0x7FFF), _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
+      const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+      __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd));
       r = _mm256_srli_epi32(r, 16);
       const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
       r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);

@@ -1,11 +1,12 @@
 // HACK (arXiv 2502.03589) CPU kernel: AVX-512 VNNI code products for 4- and 8-bit KV.
 //
-// Rule: the same exact integer products as hack_lowbit.h (a'.kcode_t over the channels,
-// b'.vcode[:, c] over the Π tokens of a partition), on vpdpbusd (u8 x s8, 4 products summed
-// into an int32 lane, no saturation). The KV codes (0..15 / 0..255) are the unsigned operand and the
-// on-the-fly 8-bit codes, shifted to s8 (x' - 128), the signed one, broadcast 4 bytes at a time;
-// the record's cached code sums put the shift back: a'.k_t = dp_t + 128 ksum_t and
-// b'.v_c = dp_c + 128 vsum_c. Results equal the AVX2 path's bit for bit.
+// Rule: the same exact integer products as hack_lowbit.h / the 8-bit int16 path (a'.kcode_t
+// over the channels, b'.vcode[:, c] over the Π tokens of a partition), on vpdpbusd (u8 x s8, 4
+// products summed into an int32 lane, no saturation). The KV codes (0..15 / 0..255) are the
+// unsigned operand and the on-the-fly 8-bit codes, shifted to s8 (x' - 128), the signed one,
+// broadcast 4 bytes at a time; the record's cached code sums put the shift back:
+// a'.k_t = dp_t + 128 ksum_t and b'.v_c = dp_c + 128 vsum_c. Results equal the AVX2 path's
+// bit for bit.
 //
 // The packed codes are read in place and rearranged in registers, shared by up to 4 query rows:
 //   K: per 16-token tile, 16-byte chunk c of a row and dword q of it, a 4x4 dword transpose
@@ -13,7 +14,7 @@
 //      (2i + 1) nibbles are two vpdpbusd operands, so a row's dots for 16 tokens take D / 4;
 //   V: per V group g and token quad, one vpermb gathers byte i of the group's 16 bytes from
 //      the 4 tokens into dword i; low / high nibbles are channels 2i / 2i + 1.
-// Requires AVX-512 BW + VNNI + VBMI (Ice Lake, Sapphire Rapids, Zen 4); else hack_lowbit.h runs.
+// Requires AVX-512 BW + VNNI + VBMI (Ice Lake, Sapphire Rapids, Zen 4); else the AVX2 paths run.
 #pragma once
 #include "hack_simd.h"
 
@@ -48,7 +49,8 @@ inline void a_order(const float* codes, int D, int bits, int8_t* ak) {
   } idx;
   const __m512i ix = _mm512_load_si512(idx.v), c128 = _mm512_set1_epi32(128);
   auto s8 = [&](int d) {  // 16 codes -> 16 s8 bytes, in a register (no store / reload)
-    return _mm512_cvtepi32_epi8(_mm512_sub_epi32(_mm512_cvttps_epi32(_mm512_loadu_ps(codes + d)), c128));
+    const __m512i c = _mm512_cvttps_epi32(_mm512_loadu_ps(codes + d));
+    return _mm512_cvtepi32_epi8(_mm512_sub_epi32(c, c128));
   };
   for (int d = 0; d < D; d += 64) {
     __m512i x = _mm512_castsi128_si512(s8(d));
@@ -61,9 +63,10 @@ inline void a_order(const float* codes, int D, int bits, int8_t* ak) {
 // b' (fp32 codes 0..255, [Π]) -> b' - 128 as s8
 inline void b_s8(const float* codes, int Pi, int8_t* bk) {
   const __m512i c128 = _mm512_set1_epi32(128);
-  for (int t = 0; t < Pi; t += 16)
-    _mm_storeu_si128((__m128i*)(bk + t), _mm512_cvtepi32_epi8(_mm512_sub_epi32(
-                                             _mm512_cvttps_epi32(_mm512_loadu_ps(codes + t)), c128)));
+  for (int t = 0; t < Pi; t += 16) {
+    const __m512i c = _mm512_cvttps_epi32(_mm512_loadu_ps(codes + t));
+    _mm_storeu_si128((__m128i*)(bk + t), _mm512_cvtepi32_epi8(_mm512_sub_epi32(c, c128)));
+  }
 }
 
 // Several query rows (NR <= 4) at once, straight from the record (no scratch): each tile's
@@ -97,7 +100,8 @@ inline void kdots_rows_nr(const uint8_t* kc, int Pi, int row, const int8_t* cons
             acc[r] = _mm512_dpbusd_epi32(acc[r], y, _mm512_set1_epi32(w));
           }
         } else {
-          const __m512i lo = _mm512_and_si512(y, m4), hi = _mm512_and_si512(_mm512_srli_epi16(y, 4), m4);
+          const __m512i lo = _mm512_and_si512(y, m4);
+          const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(y, 4), m4);
           for (int r = 0; r < NR; ++r) {
             int32_t w[2];
             std::memcpy(w, ak[r] + 8 * (c * 4 + q), 8);
@@ -158,12 +162,14 @@ inline void vdots_rows_nr(const uint8_t* vc, int Pi, int row, int g, const int8_
     }
   }
   const __m512i il = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-  const __m512i ih = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  const __m512i ih =
+      _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
   const __m512i s0 = _mm512_loadu_si512(vsum128), s1 = _mm512_loadu_si512(vsum128 + 16);
   for (int r = 0; r < NR; ++r) {
     __m512i lo = u[r], hi = w[r];  // channels 0..15, 16..31
     if constexpr (BITS == 4)
-      lo = _mm512_permutex2var_epi32(u[r], il, w[r]), hi = _mm512_permutex2var_epi32(u[r], ih, w[r]);
+      lo = _mm512_permutex2var_epi32(u[r], il, w[r]),
+      hi = _mm512_permutex2var_epi32(u[r], ih, w[r]);
     _mm512_storeu_ps(out[r], _mm512_cvtepi32_ps(_mm512_add_epi32(lo, s0)));
     _mm512_storeu_ps(out[r] + 16, _mm512_cvtepi32_ps(_mm512_add_epi32(hi, s1)));
   }
@@ -186,9 +192,10 @@ inline void vdots_rows(int bits, const uint8_t* vc, int Pi, int row, int g, int 
 
 // 128 x int16 sums -> int32
 inline void sums128(const int16_t* src, int n, int32_t* dst) {
-  for (int i = 0; i < n; i += 16)
-    _mm512_storeu_si512(dst + i, _mm512_slli_epi32(
-                                     _mm512_cvtepi16_epi32(_mm256_loadu_si256((const __m256i*)(src + i))), 7));
+  for (int i = 0; i < n; i += 16) {
+    const __m256i x = _mm256_loadu_si256((const __m256i*)(src + i));
+    _mm512_storeu_si512(dst + i, _mm512_slli_epi32(_mm512_cvtepi16_epi32(x), 7));
+  }
 }
 
 }  // namespace vnni
