@@ -12,6 +12,15 @@
 
 namespace hack {
 
+#if HACK_AVX512
+// quant8's code of 16 values: clamp(floor((x - lo) / s + 0.5), 0, 255)
+inline __m512 code16(__m512 x, __m512 lo, __m512 s) {
+  const __m512 v = _mm512_add_ps(_mm512_div_ps(_mm512_sub_ps(x, lo), s), _mm512_set1_ps(0.5f));
+  const __m512 f = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  return _mm512_min_ps(_mm512_max_ps(f, _mm512_setzero_ps()), _mm512_set1_ps(255.0f));
+}
+#endif
+
 // 8-bit asymmetric quantization of x[0..n) exactly as reference.quantize_8bit:
 // s = (hi - lo) / 255, codes = clamp(floor((x - lo) / (s > 0 ? s : 1) + 0.5), 0, 255) (fp32).
 inline void quant8(const float* x, int n, float& s, float& lo, float* codes) {
@@ -48,15 +57,9 @@ inline void quant8(const float* x, int n, float& s, float& lo, float* codes) {
   const float safe = s > 0 ? s : 1.0f;
   i = 0;
 #if HACK_AVX512
-  {
-    const __m512 vlo = _mm512_set1_ps(lo), vs = _mm512_set1_ps(safe), half = _mm512_set1_ps(0.5f);
-    const __m512 zero = _mm512_setzero_ps(), top = _mm512_set1_ps(255.0f);
-    for (; i + 16 <= n; i += 16) {
-      __m512 v = _mm512_div_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), vlo), vs);
-      v = _mm512_roundscale_ps(_mm512_add_ps(v, half), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-      _mm512_storeu_ps(codes + i, _mm512_min_ps(_mm512_max_ps(v, zero), top));
-    }
-  }
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(codes + i, code16(_mm512_loadu_ps(x + i), _mm512_set1_ps(lo),
+                                       _mm512_set1_ps(safe)));
 #endif
 #if HACK_AVX2
   const __m256 vlo = _mm256_set1_ps(lo), vs = _mm256_set1_ps(safe), half = _mm256_set1_ps(0.5f);
@@ -87,13 +90,7 @@ inline void quant8_mul(const float* x, const float* y, int n, float& s, float& l
     lo = _mm512_reduce_min_ps(vmn);
     s = (_mm512_reduce_max_ps(vmx) - lo) / 255.0f;
     const __m512 vlo = _mm512_set1_ps(lo), vs = _mm512_set1_ps(s > 0 ? s : 1.0f);
-    const __m512 half = _mm512_set1_ps(0.5f), zero = _mm512_setzero_ps();
-    const __m512 top = _mm512_set1_ps(255.0f);
-    for (int j = 0; j < k; ++j) {
-      __m512 c = _mm512_div_ps(_mm512_sub_ps(v[j], vlo), vs);
-      c = _mm512_roundscale_ps(_mm512_add_ps(c, half), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-      _mm512_storeu_ps(codes + 16 * j, _mm512_min_ps(_mm512_max_ps(c, zero), top));
-    }
+    for (int j = 0; j < k; ++j) _mm512_storeu_ps(codes + 16 * j, code16(v[j], vlo, vs));
     return;
   }
 #endif

@@ -32,10 +32,19 @@ inline __m512i load4rows(const uint8_t* p, int row, int off) {
   return _mm512_inserti32x4(x, _mm_loadu_si128((const __m128i*)(p + 3 * row + off)), 3);
 }
 
+// 16 fp32 codes 0..255 -> code - 128 as 16 s8 bytes
+inline __m128i s8x16(const float* codes) {
+  const __m512i c = _mm512_cvttps_epi32(_mm512_loadu_ps(codes));
+  return _mm512_cvtepi32_epi8(_mm512_sub_epi32(c, _mm512_set1_epi32(128)));
+}
+
+// b' (fp32 codes 0..255, [Π]) -> b' - 128 as s8
+inline void b_s8(const float* codes, int Pi, int8_t* bk) {
+  for (int t = 0; t < Pi; t += 16) _mm_storeu_si128((__m128i*)(bk + t), s8x16(codes + t));
+}
+
 // a' (fp32 codes 0..255, [D]) -> a' - 128 as s8 in the K operand order: 4 bits, byte
 // ((c 4 + q) 2 + h) 4 + j is channel 32 c + 2 (4 q + j) + h; 8 bits, channel order.
-inline void b_s8(const float* codes, int Pi, int8_t* bk);
-
 inline void a_order(const float* codes, int D, int bits, int8_t* ak) {
   if (bits == 8) return b_s8(codes, D, ak);  // 8 bits: channel order
   alignas(64) static const struct Idx {
@@ -47,25 +56,14 @@ inline void a_order(const float* codes, int D, int bits, int8_t* ak) {
       }
     }
   } idx;
-  const __m512i ix = _mm512_load_si512(idx.v), c128 = _mm512_set1_epi32(128);
-  auto s8 = [&](int d) {  // 16 codes -> 16 s8 bytes, in a register (no store / reload)
-    const __m512i c = _mm512_cvttps_epi32(_mm512_loadu_ps(codes + d));
-    return _mm512_cvtepi32_epi8(_mm512_sub_epi32(c, c128));
-  };
-  for (int d = 0; d < D; d += 64) {
-    __m512i x = _mm512_castsi128_si512(s8(d));
-    x = _mm512_inserti32x4(x, s8(d + 16), 1);
-    if (D - d > 32) x = _mm512_inserti32x4(_mm512_inserti32x4(x, s8(d + 32), 2), s8(d + 48), 3);
+  const __m512i ix = _mm512_load_si512(idx.v);
+  for (int d = 0; d < D; d += 64) {  // the s8 codes stay in a register (no store / reload)
+    __m512i x = _mm512_castsi128_si512(s8x16(codes + d));
+    x = _mm512_inserti32x4(x, s8x16(codes + d + 16), 1);
+    if (D - d > 32)
+      x = _mm512_inserti32x4(_mm512_inserti32x4(x, s8x16(codes + d + 32), 2),
+                             s8x16(codes + d + 48), 3);
     _mm512_storeu_si512(ak + d, _mm512_permutexvar_epi8(ix, x));
-  }
-}
-
-// b' (fp32 codes 0..255, [Π]) -> b' - 128 as s8
-inline void b_s8(const float* codes, int Pi, int8_t* bk) {
-  const __m512i c128 = _mm512_set1_epi32(128);
-  for (int t = 0; t < Pi; t += 16) {
-    const __m512i c = _mm512_cvttps_epi32(_mm512_loadu_ps(codes + t));
-    _mm_storeu_si128((__m128i*)(bk + t), _mm512_cvtepi32_epi8(_mm512_sub_epi32(c, c128)));
   }
 }
 
