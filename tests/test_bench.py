@@ -352,3 +352,52 @@ def test_side_by_side_runs_each_config_on_its_own_server_in_paired_rounds(tmp_pa
         assert row["idle_cpu_s"] == 0.0
     assert all(p[0] == p[1] for p in by_round.values())  # same arrivals for both in a round
     assert by_round[0][0] != by_round[1][0]                 # fresh ones per round
+
+
+def test_pooled_percentile_over_rounds_with_paired_ci(tmp_path):
+    """pooled_table: the p99 over every request of a config's blocks (not the mean of
+    per-block p99s) against the baseline's, CI from resampling rounds."""
+    from vllm_ext.bench.paired import block_latencies, pooled_ratio, pooled_table
+
+    rows = []
+    for rnd in range(4):
+        for config, e2e in (("base", [1.0] * 39 + [2.0]), ("slow", [1.0] * 39 + [4.0])):
+            recs = [{"e2el_s": e + rnd, "ttft_s": 0.1, "error": None} for e in e2e]
+            recs.append({"e2el_s": None, "ttft_s": None, "error": "HTTP 500"})
+            (tmp_path / f"{config}@3.0.b{rnd}.jsonl").write_text(
+                "\n".join(json.dumps(r) for r in recs) + "\n")
+            rows.append({"config": config, "rate": 3.0, "round": rnd})
+    blocks = block_latencies(tmp_path, rows)
+    assert len(blocks[("slow", 3.0)]) == 4 and blocks[("slow", 3.0)][2].size == 40  # failed out
+    pooled = np.concatenate(list(blocks[("slow", 3.0)].values()))
+    res = pooled_ratio(blocks[("slow", 3.0)], blocks[("base", 3.0)], 99)
+    assert res["value"] == pytest.approx(np.percentile(pooled, 99))
+    assert res["ratio"] == pytest.approx(res["value"] / np.percentile(
+        np.concatenate(list(blocks[("base", 3.0)].values())), 99))
+    assert res["lo"] <= res["ratio"] <= res["hi"] and res["ratio"] > 1.0
+    table = pooled_table(tmp_path, rows, "base")
+    assert "p99_e2el pooled" in table and "slow" in table and "1.00x[1.00,1.00]" in table
+    assert pooled_ratio({0: np.ones(3)}, {0: np.ones(3)}, 99) is None  # one round: no CI
+
+
+def test_compare_checks_the_trace_before_starting_a_server(tmp_path, monkeypatch):
+    """A missing trace file, or one too short for --blocks x --block-requests, is a CLI error
+    naming it, raised before any server starts (not after minutes of start-up)."""
+    from vllm_ext.bench import cli, servers
+
+    def no_server(*a, **kw):
+        raise AssertionError("a server was started")
+
+    monkeypatch.setattr(servers, "running_server", no_server)
+    base = ["compare", "--config", "a=ext:--ext-policy fcfs", "--baseline", "a", "--rates", "2",
+            "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match=r"--trace: .*missing@2.0.jsonl: cannot read"):
+        cli.main(base + ["--same-server", "--trace", str(tmp_path / "missing@{rate}.jsonl")])
+    with pytest.raises(SystemExit, match=r"--trace: .*missing@2.0.jsonl: cannot read"):
+        cli.main(base + ["--trace", str(tmp_path / "missing@{rate}.jsonl")])  # back to back
+    short = tmp_path / "short@2.0.jsonl"
+    short.write_text('{"arrival_s": 0, "prompt": "a", "max_tokens": 4}\n' * 5)
+    with pytest.raises(SystemExit, match="has 5 requests, fewer than --blocks x "
+                                         "--block-requests = 6"):
+        cli.main(base + ["--same-server", "--trace", str(tmp_path / "short@{rate}.jsonl"),
+                         "--blocks", "3", "--block-requests", "2"])

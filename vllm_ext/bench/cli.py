@@ -148,11 +148,15 @@ def cmd_compare(args) -> None:
         if args.same_server and any(kind != "ext" for _, kind, _ in configs):
             sys.exit("vllm-ext bench compare --same-server: every --config must be NAME=ext:FLAGS "
                      "(a stock server cannot switch live; --side-by-side runs one per config)")
-        cache: dict[float, list] = {}
-        return same_server.run(args, configs, model,
-                               lambda rate: cache.setdefault(rate, _requests(args, rate)),
+        workloads = {rate: _requests(args, rate) for rate in args.rates}  # errors before a server
+        if args.trace:
+            for rate, reqs in workloads.items():
+                same_server.check_trace_length(args, reqs, rate)
+        return same_server.run(args, configs, model, workloads.__getitem__,
                                side_by_side=args.side_by_side)
     from vllm_ext.bench import live
+    for rate in args.rates:  # a bad workload (e.g. --trace) exits before the first server
+        _requests(args, rate)
     rows, runs = [], {}
     for rep in range(args.repeats):  # configs interleaved per repeat: A B A B ...
         for name, kind, extra in configs:
@@ -174,7 +178,7 @@ def cmd_compare(args) -> None:
     table = report.ratio_table(means, args.baseline)
     if args.repeats > 1:
         table += "\n\nper repeat:\n" + report.ratio_table(rows, args.baseline, by_repeat=True)
-        from vllm_ext.bench.paired import ci_table
+        from vllm_ext.bench.paired import ci_table, pooled_table
         table += "\n\n" + ci_table(rows, args.baseline, unit="repeat")
     table += "\n\n" + report.cpu_table(means, args.baseline)
     print("\n" + table)
@@ -187,7 +191,7 @@ def cmd_compare(args) -> None:
 
 def cmd_report(args) -> None:
     """The paired CI table of a finished compare run, against any of its configs."""
-    from vllm_ext.bench.paired import ci_table
+    from vllm_ext.bench.paired import ci_table, pooled_table
 
     path = Path(args.run) / "compare.json" if Path(args.run).is_dir() else Path(args.run)
     try:
@@ -198,6 +202,9 @@ def cmd_report(args) -> None:
     if args.baseline not in {r["config"] for r in rows}:
         sys.exit(f"vllm-ext bench report: --baseline {args.baseline!r} is not a config of {path}")
     print(ci_table(rows, args.baseline, unit=unit))
+    pooled = pooled_table(path.parent, rows, args.baseline, unit=unit)
+    if pooled:
+        print("\n" + pooled)
 
 
 def main(argv: list[str]) -> None:

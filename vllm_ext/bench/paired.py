@@ -104,6 +104,73 @@ def ci_table(rows: list[dict], baseline: str, unit: str = "round",
     return "\n".join(lines)
 
 
+POOLED = (("e2el_s", 90), ("e2el_s", 99), ("ttft_s", 99))
+
+
+def block_latencies(run_dir, rows: list[dict], unit: str = "round", field: str = "e2el_s"
+                    ) -> dict[tuple[str, float], dict[int, np.ndarray]]:
+    """{(config, rate): {round: `field` of every completed request of that block}}, read from
+    the run's block files (``NAME@RATE.bK.jsonl``; ``.rK`` for back-to-back repeats)."""
+    import json
+    from pathlib import Path
+
+    tag = "b" if unit == "round" else "r"
+    out: dict = {}
+    for r in rows:
+        path = Path(run_dir) / f"{r['config']}@{r['rate']}.{tag}{r[unit]}.jsonl"
+        if not path.exists():
+            continue
+        recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        out.setdefault((r["config"], r["rate"]), {})[r[unit]] = np.asarray(
+            [x[field] for x in recs if x.get("error") is None and x.get(field) is not None])
+    return out
+
+
+def pooled_ratio(config: dict[int, np.ndarray], base: dict[int, np.ndarray], q: float,
+                 n_boot: int = 2000, seed: int = 0) -> dict | None:
+    """The q-th percentile over every request of the config's blocks (rounds pooled, as one
+    run's percentile: vLLM bench serve's meaning) against the baseline's, with a 95% CI from
+    resampling rounds jointly for both (the pairing kept)."""
+    rounds = sorted(set(config) & set(base))
+    if len(rounds) < 2:
+        return None
+    def pct(blocks, idx):
+        return float(np.percentile(np.concatenate([blocks[rounds[i]] for i in idx]), q))
+    every = np.arange(len(rounds))
+    value, ref = pct(config, every), pct(base, every)
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(rounds), len(rounds))
+        boots.append(pct(config, idx) / pct(base, idx))
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return {"value": value, "ratio": value / ref, "lo": float(lo), "hi": float(hi),
+            "n": len(rounds)}
+
+
+def pooled_table(run_dir, rows: list[dict], baseline: str, unit: str = "round") -> str:
+    """Percentiles over all of a config's requests (rounds pooled) vs the baseline's, with
+    round-bootstrap CIs. The per-block p99 of `ci_table` is, at 40 requests a block, close to
+    each block's maximum; this is the p90 / p99 of the run's whole latency distribution."""
+    fields = {f: block_latencies(run_dir, rows, unit, f) for f in {f for f, _ in POOLED}}
+    if not any(fields.values()):
+        return ""
+    heads = [f"p{q:g}_{f.replace('_s', '')} pooled" for f, q in POOLED]
+    lines = [f"percentiles over every request of a config's {unit}s (pooled) vs {baseline}: "
+             f"value (s) ratio [95% CI, {unit}s resampled]",
+             f"{'config':<12}{'rate':>6}" + "".join(f"{h:>32}" for h in heads)]
+    for rate in sorted({r["rate"] for r in rows}):
+        for config in dict.fromkeys(r["config"] for r in rows):
+            cells = []
+            for f, q in POOLED:
+                blocks, base = fields[f].get((config, rate)), fields[f].get((baseline, rate))
+                res = pooled_ratio(blocks, base, q) if blocks and base else None
+                cells.append(f"{res['value']:.2f} {res['ratio']:.2f}x[{res['lo']:.2f},"
+                             f"{res['hi']:.2f}]" if res else "-")
+            lines.append(f"{config:<12}{rate:>6g}" + "".join(f"{c:>32}" for c in cells))
+    return "\n".join(lines)
+
+
 def plot_paired(path, rows: list[dict], baseline: str, metric: str = "mean_e2el_ms",
                 unit: str = "round", title: str = "") -> None:
     """Per config and rate: each round's paired ratio (dots) and the median with its CI."""

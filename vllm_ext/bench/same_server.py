@@ -71,14 +71,21 @@ def live_settings(name: str, flags: str) -> tuple[dict, dict]:
     return config.live_dict(), request_xargs(config)
 
 
+def check_trace_length(args, all_requests, rate: float) -> None:
+    """Every round takes the trace's next --block-requests requests: exit (before any server
+    starts) if the trace at `rate` has fewer than --blocks x --block-requests."""
+    need = args.blocks * args.block_requests
+    if len(all_requests) < need:
+        sys.exit(f"vllm-ext bench compare: --trace at rate {rate:g} has {len(all_requests)} "
+                 f"requests, fewer than --blocks x --block-requests = {need}")
+
+
 def block_requests(args, all_requests, rate: float, rnd: int):
     """This round's requests at `rate`, arrivals rebased to start at 0."""
     n = args.block_requests
     if args.trace:
+        check_trace_length(args, all_requests, rate)
         chunk = all_requests[rnd * n:(rnd + 1) * n]
-        if len(chunk) < n:
-            sys.exit(f"vllm-ext bench compare: --trace has {len(all_requests)} requests, "
-                     f"fewer than --blocks x --block-requests = {args.blocks * n}")
     else:
         from vllm_ext.bench.workload import testbed_requests
         chunk = testbed_requests(n, rate, args.seed + rnd, args.arrival, args.cv, args.max_tokens,
@@ -151,6 +158,8 @@ def idle_cpu(servers: dict, active) -> float:
 
 def write_report(args, rows: list[dict], out: Path, unit: str = "round") -> str:
     table = paired.ci_table(rows, args.baseline, unit=unit)
+    pooled = paired.pooled_table(out, rows, args.baseline, unit=unit)
+    table += "\n\n" + pooled if pooled else ""
     means = report.mean_over_repeats(rows)
     table += "\n\nmeans over blocks:\n" + report.ratio_table(means, args.baseline)
     table += "\n\n" + counters_table(means)

@@ -47,7 +47,11 @@ def arrival_times(n: int, rate: float, seed: int, process: str = "poisson",
 
 def parse_trace(path: str | Path) -> list[BenchRequest]:
     out = []
-    for lineno, line in enumerate(Path(path).read_text().splitlines(), start=1):
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise TraceError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
