@@ -42,16 +42,20 @@ struct Acc {  // online-softmax state of one tile: m, l, acc [BM][D]
 inline bool online(Acc& A, int i, int D, const float* s, float mx, float* p, int n) {
   if (mx == NEG_INF) return false;
   const float m_new = std::max(A.m[i], mx);
-  const float alpha = A.m[i] == NEG_INF ? 0.f : std::exp(A.m[i] - m_new);
+  const bool fresh = A.m[i] == NEG_INF;  // no live step yet: l = 0 and the row's o is all 0
+  const float alpha = fresh ? 0.f : std::exp(A.m[i] - m_new);
   A.l[i] = A.l[i] * alpha + exp_shift(s, m_new, p, n);
   A.m[i] = m_new;
-  if (alpha != 1.0f) scale_inplace(A.o.data() + size_t(i) * D, alpha, D);
+  if (!fresh && alpha != 1.0f) scale_inplace(A.o.data() + size_t(i) * D, alpha, D);
   return true;
 }
 
 struct DenseTmp {  // per thread (in Scratch: a thread_local here costs a TLS lookup per use)
-  std::vector<float> kv, s, p;  // kv [n][2D]
-  std::vector<int> kpos;
+  std::vector<float> kv, s, p;  // kv [n][2D]; only grow
+  void fit(size_t kv_n, int n) {
+    if (kv.size() < kv_n) kv.resize(kv_n);
+    if (s.size() < size_t(n)) s.resize(n), p.resize(n);
+  }
 };
 
 // The item's 16-bit tokens (sinks, open partition) from their pools, in their own online-softmax
@@ -62,30 +66,27 @@ void dense_part(const Ctx& C, const Item& it, const float* qt, const int* qpos, 
   const int D = C.L.D, Pi = C.L.Pi, r = it.r;
   const int L = C.seq[r], ns = L / Pi, n_open = L - ns * Pi;
   const int sink = C.kslot[r], slot = C.sslot[r];
-  std::vector<float>&kv = T.kv, &s = T.s, &p = T.p;
-  std::vector<int>& kpos = T.kpos;
-  kv.clear(), kpos.clear();
-  auto add = [&](const uint16_t* base, int n, int pos0) {
-    size_t at = kv.size();
-    kv.resize(at + size_t(n) * 2 * D);
-    cvt16<BF16>(base, kv.data() + at, n * 2 * D);
-    for (int t = 0; t < n; ++t) kpos.push_back(pos0 + t);
-  };
-  if (sink >= 0 && ns > 0) add(C.sinks + sink * C.s_ks + it.h * C.s_kh, SINK, 0);
-  if (slot >= 0 && n_open > 0) add(C.stage + slot * C.s_ss + it.h * C.s_sh, n_open, ns * Pi);
-  const int n = int(kpos.size());
+  const int n_sink = sink >= 0 && ns > 0 ? SINK : 0, n_o = slot >= 0 && n_open > 0 ? n_open : 0;
+  const int n = n_sink + n_o;  // tokens 0..n_sink-1 are positions 0.., the rest ns Π..
   if (n == 0) return;
-  s.resize(n), p.resize(n);
+  T.fit(size_t(n) * 2 * D, n);
+  float *kv = T.kv.data(), *s = T.s.data(), *p = T.p.data();
+  if (n_sink) cvt16<BF16>(C.sinks + sink * C.s_ks + it.h * C.s_kh, kv, n_sink * 2 * D);
+  if (n_o)
+    cvt16<BF16>(C.stage + slot * C.s_ss + it.h * C.s_sh, kv + size_t(n_sink) * 2 * D,
+                n_o * 2 * D);
   for (int i = 0; i < it.nrows; ++i) {
     const float* qi = qt + i * D;
-    for (int t = 0; t < n; ++t)
-      s[t] = kpos[t] <= qpos[i] ? dot_f32(qi, kv.data() + size_t(t) * 2 * D, D) : NEG_INF;
+    for (int t = 0; t < n; ++t) {
+      const int kpos = t < n_sink ? t : ns * Pi + t - n_sink;
+      s[t] = kpos <= qpos[i] ? dot_f32(qi, kv + size_t(t) * 2 * D, D) : NEG_INF;
+    }
     float mx = NEG_INF;
     for (int t = 0; t < n; ++t) mx = std::max(mx, s[t]);
-    if (!online(A, i, D, s.data(), mx, p.data(), n)) continue;
+    if (!online(A, i, D, s, mx, p, n)) continue;
     float* o = A.o.data() + i * D;
     for (int t = 0; t < n; ++t)
-      if (p[t] != 0.f) axpby(o, 1.0f, kv.data() + size_t(t) * 2 * D + D, p[t], D);
+      if (p[t] != 0.f) axpby(o, 1.0f, kv + size_t(t) * 2 * D + D, p[t], D);
   }
 }
 

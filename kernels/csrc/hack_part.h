@@ -37,8 +37,9 @@ inline const uint16_t* f16(const uint8_t* rec, int64_t off) {
 struct Part {  // one record, unpacked; per thread, reused
   Path path = Path::generic;
   int D = 0, Pi = 0, bits = 0;
-  std::vector<float> ks, km, ksum, vsT, vmT, vsum;  // scales [D], sums, V scale / min [G][Π]
+  std::vector<float> ks, km, vsT, vmT;              // K scale / min [D], V scale / min [G][Π]
   std::vector<int32_t> ksum128, vsum128;            // 128 x sums (vnni)
+  const int16_t *ksum = nullptr, *vsum = nullptr;   // code sums [Π] / [D], in the record
   std::vector<int16_t> kc;                          // generic: K codes [Π][D]
   std::vector<float> vc;                            // generic: V codes [Π][D]
   std::vector<uint8_t> kc8, vp8;                    // lowbit: K bit planes, V token pairs
@@ -47,7 +48,7 @@ struct Part {  // one record, unpacked; per thread, reused
     if (D_ == D && Pi_ == Pi && bits_ == bits) return;
     D = D_, Pi = Pi_, bits = bits_, path = path_for(bits);
     const int G = D / VG;
-    ks.resize(D), km.resize(D), ksum.resize(Pi), vsum.resize(D);
+    ks.resize(D), km.resize(D);
     vsT.resize(size_t(G) * Pi), vmT.resize(size_t(G) * Pi);
     ksum128.resize(Pi), vsum128.resize(D);
     if (path == Path::generic) kc.resize(size_t(Pi) * D), vc.resize(size_t(Pi) * D);
@@ -93,8 +94,8 @@ inline void load(const Lay& L, const uint8_t* rec, Part& P, RowTmp& T) {
     }
   cvt16<false>(f16(rec, L.off_ks), P.ks.data(), D);
   cvt16<false>(f16(rec, L.off_km), P.km.data(), D);
-  i16_to_f32(reinterpret_cast<const int16_t*>(rec + L.off_ksum), P.ksum.data(), Pi);
-  i16_to_f32(reinterpret_cast<const int16_t*>(rec + L.off_vsum), P.vsum.data(), D);
+  P.ksum = reinterpret_cast<const int16_t*>(rec + L.off_ksum);
+  P.vsum = reinterpret_cast<const int16_t*>(rec + L.off_vsum);
   for (int which = 0; which < 2; ++which) {  // v_scale / v_min [Π][G] -> [G][Π]
     std::vector<float>& dst = which ? P.vmT : P.vsT;
     const uint16_t* src = f16(rec, which ? L.off_vm : L.off_vs);
@@ -142,7 +143,7 @@ inline void scores(const Part& P, const Lay& L, int n, const float* const* q, co
   }
 #endif
   for (int r = 0; r < n; ++r)
-    mx[r] = hack::scores(dots[r], P.ksum.data(), s_a[r], m_a[r], qkm[r], kpos0, qpos[r], lo_mask,
+    mx[r] = hack::scores(dots[r], P.ksum, s_a[r], m_a[r], qkm[r], kpos0, qpos[r], lo_mask,
                          s[r], Pi);
 }
 
@@ -176,10 +177,11 @@ inline void values(const Part& P, const Lay& L, int n, const float* const* p, fl
                        dotv);
     }
 #endif
-    const float* vsg = P.vsum.data() + g * VG;
+    const int16_t* vsg = P.vsum + g * VG;
     for (int r = 0; r < n; ++r) {
       float* og = o[r] + g * VG;
-      for (int c = 0; c < VG; ++c) og[c] += (s_b[r] * dotv[r][c] + m_b[r] * vsg[c]) + corr[r];
+      for (int c = 0; c < VG; ++c)
+        og[c] += (s_b[r] * dotv[r][c] + m_b[r] * float(vsg[c])) + corr[r];
     }
   }
 }

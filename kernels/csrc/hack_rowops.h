@@ -227,7 +227,7 @@ inline void kdot8(const int16_t* a, const int16_t* k, int D, int32_t* out) {
 
 // Scores of one row over n tokens (n % 8 == 0): s = (s_a * dot + m_a * ksum) + qkm, the
 // reference's operation order; tokens at kpos > qpos or kpos < lo_mask are -inf. Returns max.
-inline float scores(const int32_t* dots, const float* ksum, float s_a, float m_a, float qkm,
+inline float scores(const int32_t* dots, const int16_t* ksum, float s_a, float m_a, float qkm,
                     int kpos0, int qpos, int lo_mask, float* s, int n) {
   float mx = NEG_INF;
   const bool need_mask = kpos0 + n - 1 > qpos || kpos0 < lo_mask;
@@ -242,7 +242,9 @@ inline float scores(const int32_t* dots, const float* ksum, float s_a, float m_a
   for (; t + 16 <= n; t += 16) {
     const __m512 f = _mm512_cvtepi32_ps(_mm512_loadu_si512(dots + t));
     __m512 v = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(va, f),
-                                           _mm512_mul_ps(vm, _mm512_loadu_ps(ksum + t))), vq);
+                                           _mm512_mul_ps(vm, _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(
+                                               _mm256_loadu_si256((const __m256i*)(ksum + t)))))),
+                              vq);
     if (need_mask) {
       const __m512i kp = _mm512_add_epi32(_mm512_set1_epi32(kpos0 + t), iota);
       const __mmask16 bad = _mm512_cmpgt_epi32_mask(kp, vqp) | _mm512_cmpgt_epi32_mask(vlo, kp);
@@ -263,7 +265,9 @@ inline float scores(const int32_t* dots, const float* ksum, float s_a, float m_a
   for (; t < n; t += 8) {
     __m256 f = _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i*)(dots + t)));
     __m256 v = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(va, f),
-                                           _mm256_mul_ps(vm, _mm256_loadu_ps(ksum + t))), vq);
+                                           _mm256_mul_ps(vm, _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(
+                                               _mm_loadu_si128((const __m128i*)(ksum + t)))))),
+                              vq);
     if (need_mask) {
       __m256i kp = _mm256_add_epi32(_mm256_set1_epi32(kpos0 + t), iota);
       __m256i bad = _mm256_or_si256(_mm256_cmpgt_epi32(kp, vqp), _mm256_cmpgt_epi32(vlo, kp));
@@ -278,8 +282,8 @@ inline float scores(const int32_t* dots, const float* ksum, float s_a, float m_a
 #else
   for (; t < n; ++t) {
     const int kp = kpos0 + t;
-    s[t] = (need_mask && (kp > qpos || kp < lo_mask)) ? NEG_INF
-                                                     : (s_a * float(dots[t]) + m_a * ksum[t]) + qkm;
+    s[t] = (need_mask && (kp > qpos || kp < lo_mask))
+               ? NEG_INF : (s_a * float(dots[t]) + m_a * float(ksum[t])) + qkm;
     mx = std::max(mx, s[t]);
   }
 #endif

@@ -169,14 +169,4 @@ inline void unpack_f32(const uint8_t* src, int bits, int D, float* dst) {
 #endif
 }
 
-inline void i16_to_f32(const int16_t* src, float* dst, int n) {
-  int i = 0;
-#if HACK_AVX2
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(dst + i, _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(
-                                  _mm_loadu_si128((const __m128i*)(src + i)))));
-#endif
-  for (; i < n; ++i) dst[i] = float(src[i]);
-}
-
 }  // namespace hack
