@@ -7,7 +7,13 @@ simulator (as `scripts/tail_sweep.py`) with fcfs, the oracle, TRAIL under the sl
 several factors, and TRAIL under a *virtual-FCFS* bound (not in the engine): a request is
 overdue at ``arrival + (1 + w) x (its start under a virtual FCFS of the same slots and
 predicted lengths - arrival) + s x predicted service``, i.e. when it has waited (1 + w) times
-what FCFS would have made it wait, plus s of its own service. Figures are simulated:
+what FCFS would have made it wait, plus s of its own service; and TRAIL under a *deadline*
+(not in the engine): overdue at its latest start, ``arrival + D - predicted service`` (EDF /
+least laxity for an e2e target D), which leaves short and mid-size requests to SRPT. The
+slowdown bound is also run on exact lengths (``exact``). With ``--calibrate-blocks`` every
+block runs at the step cost its own fcfs decode gaps show (as ``simulate replay``), and the
+p99 over all blocks' requests (pooled) is printed beside the mean of per-block p99s.
+Figures are simulated:
     .venv/bin/python scripts/tail_frontier.py --run results/trail13 \\
         --profile results/sim/profile-trail13-trail.json
 """
@@ -49,15 +55,54 @@ class VirtualFcfsTrail(NoisyTrailPolicy):
         return view.arrival_time + (1 + self.wait_slack) * wait + self.service_slack * floor
 
 
+@dataclass
+class DeadlineTrail(NoisyTrailPolicy):
+    deadline_s: float = 3.0      # D
+
+    def overdue_at(self, view) -> float:
+        if self.step_s <= 0:
+            return float("inf")
+        service = min(self.initial(view), view.max_tokens) * self.step_s
+        return view.arrival_time + self.deadline_s - service
+
+
+def calibrated_blocks(run: str, policies: dict, profile: str, slots: int):
+    """As `tail_sweep.simulate_blocks`, each block at its own served step cost; per rate:
+    (rate, {policy: [(mean, p99) per block]}, {policy: every request's e2e})."""
+    import json
+    from pathlib import Path
+
+    from tail_sweep import block_requests
+    from vllm_ext.sim.cli import _block_cost
+    from vllm_ext.sim.cluster import latency_stats, simulate
+
+    prefill = [tuple(x) for x in json.loads(Path(profile).read_text())["samples"]
+               if x[0] != x[1]]
+    blocks = sorted(Path(run).glob("fcfs@*.b*.jsonl"))
+    rates = sorted({b.name.split("@")[1].split(".b")[0] for b in blocks}, key=float)
+    for rate in rates:
+        stats, pooled = {n: [] for n in policies}, {n: [] for n in policies}
+        for path in [b for b in blocks if f"@{rate}.b" in b.name]:
+            recs = [json.loads(line) for line in path.read_text().splitlines()]
+            cost, overhead = _block_cost(recs, prefill)
+            cfg = ReplicaConfig(max_num_seqs=slots, cost=cost)
+            for name, factory in policies.items():
+                done = simulate(block_requests(path, overhead), cfg, factory)
+                st = latency_stats(done)
+                stats[name].append((st["mean_e2el_s"], st["p99_e2el_s"]))
+                pooled[name] += [r.finish_s - r.arrival_s for r in done]
+        yield rate, stats, pooled
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", required=True)
     p.add_argument("--profile", required=True)
     p.add_argument("--max-num-seqs", type=int, default=2)
     p.add_argument("--png", help="plot: p99 vs mean ratio per bound family, per rate")
+    p.add_argument("--calibrate-blocks", action="store_true",
+                   help="each block at its own step cost (the profile gives prefill timings)")
     args = p.parse_args()
-    cost, overhead = load_profile(args.profile)
-    cfg = ReplicaConfig(max_num_seqs=args.max_num_seqs, cost=cost)
     policies = {"fcfs": lambda: make_policy("fcfs"), "oracle": lambda: make_policy("oracle")}
     for f in (0, 2, 2.5, 3, 4):
         policies[f"slowdown f={f:g}"] = lambda f=f: NoisyTrailPolicy(tail_factor=f)
@@ -65,16 +110,31 @@ def main() -> None:
         for s in (0, 0.5, 1, 2):
             policies[f"vfcfs w={w:g} s={s:g}"] = lambda w=w, s=s: VirtualFcfsTrail(
                 tail_factor=1.0, slots=args.max_num_seqs, wait_slack=w, service_slack=s)
+    for f in (2, 3, 4):
+        policies[f"exact f={f:g}"] = lambda f=f: NoisyTrailPolicy(
+            tail_factor=f, sigma_initial=0.0, sigma_refined=0.0)
+    for d in (1.5, 2.0, 2.5, 3.0, 3.5):
+        policies[f"deadline D={d:g}"] = lambda d=d: DeadlineTrail(tail_factor=0.0, deadline_s=d)
+    if args.calibrate_blocks:
+        runs = calibrated_blocks(args.run, policies, args.profile, args.max_num_seqs)
+    else:
+        cost, overhead = load_profile(args.profile)
+        cfg = ReplicaConfig(max_num_seqs=args.max_num_seqs, cost=cost)
+        runs = ((rate, stats, None)
+                for rate, stats in simulate_blocks(args.run, policies, cfg, overhead))
     points = {}
-    for rate, stats in simulate_blocks(args.run, policies, cfg, overhead):
+    for rate, stats, pooled in runs:
         base = np.asarray(stats["fcfs"])
         print(f"SIMULATED, rate {rate}, {len(base)} blocks of {args.run}")
-        print(f"{'policy':<22}{'mean vs fcfs':>13}{'p99 vs fcfs':>13}")
+        print(f"{'policy':<22}{'mean vs fcfs':>13}{'p99 vs fcfs':>13}"
+              + (f"{'pooled p99':>13}" if pooled else ""))
         for name, vals in stats.items():
             v = np.asarray(vals)
             ratio = (v[:, 0].mean() / base[:, 0].mean(), v[:, 1].mean() / base[:, 1].mean())
             points.setdefault(rate, {})[name] = ratio
-            print(f"{name:<22}{ratio[0]:>13.2f}{ratio[1]:>13.2f}", flush=True)
+            extra = (f"{np.percentile(pooled[name], 99) / np.percentile(pooled['fcfs'], 99):>13.2f}"
+                     if pooled else "")
+            print(f"{name:<22}{ratio[0]:>13.2f}{ratio[1]:>13.2f}{extra}", flush=True)
     if args.png:
         plot(args.png, points)
 
@@ -87,7 +147,7 @@ def plot(path: str, points: dict) -> None:
     fig, axes = plt.subplots(1, len(points), figsize=(5 * len(points), 4), squeeze=False)
     for ax, (rate, named) in zip(axes[0], points.items()):
         for family, marker in (("slowdown", "o-"), ("vfcfs w=0.2", "s--"), ("vfcfs w=0.5", "^--"),
-                               ("vfcfs w=1 ", "v--")):
+                               ("vfcfs w=1 ", "v--"), ("exact", "x:"), ("deadline", "d-")):
             pts = sorted(v for k, v in named.items() if k.startswith(family.strip())
                          and (family != "vfcfs w=1 " or k.startswith("vfcfs w=1 ")))
             if pts:
