@@ -1,6 +1,7 @@
 """Simulator: invariants (nothing lost, KV never over budget, policies honoured) and M/G/1
 closed forms (tolerances sized for the sample: the committed validation table uses more jobs)."""
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -224,3 +225,26 @@ def test_replay_maps_same_server_blocks_to_their_trace_positions():
     assert _block_offset(Path("trail@10.5.b3.jsonl"), 40) == 120
     assert _block_offset(Path("trail@10.5.b0.jsonl"), 40) == 0
     assert _block_offset(Path("trail@10.5.r2.jsonl"), 40) == 0  # a repeat: the whole trace
+
+
+def test_replay_calibrate_from_takes_the_reference_configs_block_of_the_same_round(tmp_path):
+    """`--calibrate-from fcfs`: a preempting policy's block is replayed at the step cost of the
+    fcfs block of its round (whose gaps are steps only), not at its own (here 3x slower)."""
+    from vllm_ext.sim.cli import _replay_cost
+
+    def block(step: float) -> list[dict]:
+        return [{"send_s": 0.0, "ttft_s": 0.0, "itl_s": [step] * 200, "error": None},
+                {"send_s": 0.5, "ttft_s": 0.0, "itl_s": [step * 1.4] * 100, "error": None}]
+    for name, step in (("fcfs", 0.010), ("trail", 0.030)):
+        (tmp_path / f"{name}@8.5.b2.jsonl").write_text(
+            "\n".join(json.dumps(r) for r in block(step)) + "\n")
+    prefill = [(64, 1, 0.020), (128, 1, 0.030), (256, 1, 0.050)]
+    own = block(0.030)
+    path = tmp_path / "trail@8.5.b2.jsonl"
+    cost_own, _ = _replay_cost(path, "trail", own, prefill, None, None)
+    cost_ref, _ = _replay_cost(path, "trail", own, prefill, "fcfs", None)
+    assert cost_own.step_time(1, 1) == pytest.approx(0.030, rel=0.02)
+    assert cost_ref.step_time(1, 1) == pytest.approx(0.010, rel=0.02)
+    assert _replay_cost(path, "trail", own, [], "fcfs", "the profile") == "the profile"
+    with pytest.raises(SystemExit, match="no block file"):
+        _replay_cost(tmp_path / "trail@8.5.b3.jsonl", "trail", own, prefill, "fcfs", None)

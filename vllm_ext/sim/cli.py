@@ -121,6 +121,8 @@ def cmd_replay(args) -> None:
                if x[0] != x[1]] if args.calibrate_blocks else []
     if args.calibrate_blocks and not prefill:
         raise SystemExit(f"--calibrate-blocks: {args.profile} has no prefill samples")
+    if args.calibrate_from and not args.calibrate_blocks:
+        raise SystemExit("--calibrate-from needs --calibrate-blocks")
     recorded = RecordedPredictions.load(args.predictions) if args.predictions else None
     data = json.loads((Path(args.compare) / "compare.json").read_text())
     print(f"{'config':<10}{'rate':>6}{'runs':>5}{'measured (s)':>14}{'simulated (s)':>15}"
@@ -150,8 +152,8 @@ def cmd_replay(args) -> None:
             recs = recs[args.warmup:]
             if recorded is not None:
                 _check_recorded(recorded, recs, path)
-            cost, overhead = _block_cost(recs, prefill) if prefill else profiles.get(
-                row["config"], default)
+            cost, overhead = _replay_cost(path, row["config"], recs, prefill,
+                                          args.calibrate_from, profiles.get(row["config"], default))
             slower = float(args.step_scale.get(row["config"], 1.0))
             cost = StepCost(cost.base_s * slower, cost.per_token_s, cost.per_seq_s * slower)
             cfg = ReplicaConfig(max_num_seqs=args.max_num_seqs,
@@ -168,6 +170,20 @@ def cmd_replay(args) -> None:
         live_pre = f"{np.mean(counted):.1f}" if counted else "-"
         print(f"{row['config']:<10}{row['rate']:>6.2f}{len(paths):>5}{m:>14.3f}{s_:>15.3f}"
               f"{s_ / m:>10.3f}{live_pre:>14}{np.mean(sim_pre):>13.1f}")
+
+
+def _replay_cost(path: Path, config: str, recs: list[dict], prefill: list,
+                 calibrate_from: str | None, profile: tuple) -> tuple[StepCost, float]:
+    """The step cost a block is replayed at: with --calibrate-blocks, its own decode gaps, or
+    (--calibrate-from REF) those of REF's block of the same round; else the profile."""
+    if not prefill:
+        return profile
+    if calibrate_from:
+        ref = path.with_name(path.name.replace(f"{config}@", f"{calibrate_from}@", 1))
+        if not ref.exists():
+            raise SystemExit(f"--calibrate-from {calibrate_from}: no block file {ref}")
+        recs = [r for r in map(json.loads, ref.read_text().splitlines()) if r["error"] is None]
+    return _block_cost(recs, prefill)
 
 
 def _block_offset(path: Path, n: int) -> int:
@@ -289,6 +305,10 @@ def main(argv: list[str]) -> None:
     r.add_argument("--calibrate-blocks", action="store_true",
                    help="each block's decode step cost from its own inter-token gaps (prefill "
                         "timings from --profile): removes the machine's drift within a run")
+    r.add_argument("--calibrate-from", metavar="CONFIG",
+                   help="--calibrate-blocks: every config's block at the step cost of CONFIG's "
+                        "block of the same round (e.g. fcfs: a non-preempting policy's gaps are "
+                        "steps only; a preempting one's also hold short waits in the queue)")
     r.add_argument("--warmup", type=int, default=0)
     r.add_argument("--policy-of", type=json.loads, default={"stock": "fcfs"},
                    help='JSON map from config name to policy, e.g. {"stock": "fcfs"}')
