@@ -378,6 +378,12 @@ def test_pooled_percentile_over_rounds_with_paired_ci(tmp_path):
     table = pooled_table(tmp_path, rows, "base")
     assert "p99_e2el pooled" in table and "slow" in table and "1.00x[1.00,1.00]" in table
     assert pooled_ratio({0: np.ones(3)}, {0: np.ones(3)}, 99) is None  # one round: no CI
+    for f in tmp_path.glob("*.b*.jsonl"):  # back-to-back repeats: NAME@RATE.rK.jsonl
+        f.rename(f.with_name(f.name.replace(".b", ".r")))
+    repeats = [{**{k: v for k, v in r.items() if k != "round"}, "repeat": r["round"]}
+               for r in rows]
+    assert pooled_table(tmp_path, repeats, "base", unit="repeat") == table.replace(
+        "rounds", "repeats")
 
 
 def test_compare_checks_the_trace_before_starting_a_server(tmp_path, monkeypatch):

@@ -180,6 +180,8 @@ def cmd_compare(args) -> None:
         table += "\n\nper repeat:\n" + report.ratio_table(rows, args.baseline, by_repeat=True)
         from vllm_ext.bench.paired import ci_table, pooled_table
         table += "\n\n" + ci_table(rows, args.baseline, unit="repeat")
+        pooled = pooled_table(out, rows, args.baseline, unit="repeat")
+        table += "\n\n" + pooled if pooled else ""
     table += "\n\n" + report.cpu_table(means, args.baseline)
     print("\n" + table)
     (out / "compare.txt").write_text(" ".join(sys.argv) + "\n\n" + table + "\n")

@@ -11,7 +11,9 @@ repeats (one server per run) gives the old method's interval, for comparison.
 """
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 
 import numpy as np
 
@@ -111,9 +113,6 @@ def block_latencies(run_dir, rows: list[dict], unit: str = "round", field: str =
                     ) -> dict[tuple[str, float], dict[int, np.ndarray]]:
     """{(config, rate): {round: `field` of every completed request of that block}}, read from
     the run's block files (``NAME@RATE.bK.jsonl``; ``.rK`` for back-to-back repeats)."""
-    import json
-    from pathlib import Path
-
     tag = "b" if unit == "round" else "r"
     out: dict = {}
     for r in rows:
@@ -134,6 +133,7 @@ def pooled_ratio(config: dict[int, np.ndarray], base: dict[int, np.ndarray], q: 
     rounds = sorted(set(config) & set(base))
     if len(rounds) < 2:
         return None
+
     def pct(blocks, idx):
         return float(np.percentile(np.concatenate([blocks[rounds[i]] for i in idx]), q))
     every = np.arange(len(rounds))
