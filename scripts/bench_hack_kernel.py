@@ -34,6 +34,9 @@ def parse(argv=None):
     ap.add_argument("--reps", type=int, default=25)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--partition", type=int, default=64)
+    ap.add_argument("--head-size", type=int, default=32, help="D (the embedded model: 32)")
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--q-per-kv", type=int, default=2, help="query heads per KV head")
     ap.add_argument("--ref", action="store_true", help="also time the torch reference")
     ap.add_argument("--out")
     ap.add_argument("--png")
@@ -47,7 +50,9 @@ if ARGS is not None:
 
 import torch  # noqa: E402
 
-H, QG, D, BS = 2, 2, 32, 128
+H, QG, D, BS = 2, 2, 32, 128  # the embedded model's shapes; --head-size etc. change them
+if ARGS is not None:
+    H, QG, D = ARGS.kv_heads, ARGS.q_per_kv, ARGS.head_size
 
 
 def _stats(ts: list[float]) -> dict:
@@ -195,7 +200,7 @@ def plot(rows: list[dict], bits: list[int], path: str) -> None:
         ax.axhline(1.0, color="k", lw=1, ls="--", label="vLLM bf16 (CPU_ATTN)")
         ax.set_xticks([i + 0.4 - w / 2 for i in range(len(sub))], labels, rotation=45)
         ax.set_ylabel("time per layer call / vLLM bf16")
-        ax.set_title(f"decode, {t} thread(s), head 32, 4q/2kv heads, Π=64")
+        ax.set_title(f"decode, {t} thread(s), head {D}, {H * QG}q/{H}kv heads, Π=64")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -218,9 +223,12 @@ def main(args) -> None:
     from vllm_ext.kernels import cpu_kernel as ck
 
     if args.from_json:
+        global H, QG, D
         with open(args.from_json) as fh:
             res = json.load(fh)
         bits = res["args"]["bits"]
+        H, QG, D = (res["args"].get(k, v) for k, v in
+                    (("kv_heads", 2), ("q_per_kv", 2), ("head_size", 32)))
         print(table(res["rows"], bits))
         if args.png:
             plot(res["rows"], bits, args.png)
