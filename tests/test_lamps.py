@@ -232,3 +232,20 @@ def test_workers_load_the_length_probe_for_lamps():
         paths = resolve_probe_paths(ExtConfig(policy=policy), hf, path)
         assert bool(paths) == expect, policy
         assert all("length-" in p for p in paths)
+
+
+def test_preempt_option_uses_the_estimators_limited_rule():
+    """--ext-lamps-preempt: the ranked waiting head preempts by the length estimator's rule
+    (TRAIL: shorter remaining than the victim's, victim early in its life); off: never."""
+    from vllm_ext.sched.trail import LengthBins, TrailPolicy
+
+    trail = TrailPolicy(bins=LengthBins((0.0, 100.0, 1000.0)), tail_factor=0.0)
+    trail.prompt_pred.update({"short": 10.0, "long": 500.0, "late": 500.0})
+    short, long_ = view("short"), view("long", out=20)
+    late = view("late", out=450)  # past 0.8 x its first prediction: not preemptible
+    assert LampsPolicy(lengths=trail).choose_victim(short, [long_]) is None  # the paper's LAMPS
+    pol = LampsPolicy(lengths=trail, preempt=True)
+    assert pol.choose_victim(short, [long_]).request_id == "long"
+    assert pol.choose_victim(short, [late]) is None
+    assert pol.choose_victim(long_, [view("short", out=1)]) is None  # not for a longer one
+    assert LampsPolicy(lengths=None, preempt=True).choose_victim(short, [long_]) is None

@@ -36,7 +36,8 @@ KV_PARTITIONS = (32, 64, 128)  # HACK: tokens per K quantization partition
 LIVE_FIELDS = ("policy", "preemption_margin", "max_preemptions_per_request",
                "max_preemptions_per_step", "trail_preempt_fraction", "trail_smoothing",
                "preemption_cost", "trail_tail_factor", "probe_every", "tool_handling",
-               "lamps_starvation_steps", "lamps_admission", "preempt_mode", "session_keep")
+               "lamps_starvation_steps", "lamps_admission", "lamps_preempt", "preempt_mode",
+               "session_keep")
 
 
 class ExtConfigError(ValueError):
@@ -77,6 +78,7 @@ class ExtConfig:
     tool_handling: str = "preserve"
     lamps_starvation_steps: int = 100  # lamps: a request waiting this many steps goes first
     lamps_admission: str = "vllm"      # lamps: "peak" admits by predicted peak KV (admission.py)
+    lamps_preempt: bool = False        # lamps: the waiting head may preempt (TRAIL's limited rule)
     # KV of a preempted request (vllm_ext/sched/preempt_swap.py): vLLM's recompute, or saved
     # to the swap tier first and loaded back on its return
     preempt_mode: str = "recompute"

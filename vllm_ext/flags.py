@@ -112,6 +112,10 @@ def _add_tool_flags(g) -> None:
                    help="lamps: offer vLLM the waiting head whose prompt fits the free KV "
                         "(vllm) or whose predicted peak, with the running requests' predicted "
                         "growth, fits (peak)")
+    g.add_argument("--ext-lamps-preempt", action="store_true",
+                   help="lamps: the ranked head of the waiting queue may preempt a running "
+                        "request by TRAIL's limited rule (shorter predicted remaining + the "
+                        "victim's recompute, victim early in its life); LAMPS itself does not")
 
 
 def _add_branch_flags(g) -> None:
@@ -252,6 +256,7 @@ def ext_config_from_args(ns: argparse.Namespace) -> ExtConfig:
         "tool_syntax": ns.ext_tool_syntax,
         "lamps_starvation_steps": ns.ext_lamps_starvation_steps,
         "lamps_admission": ns.ext_lamps_admission,
+        "lamps_preempt": ns.ext_lamps_preempt,
         "swap_dir": os.path.abspath(ns.ext_swap_dir) if ns.ext_swap_dir else "",
         "swap_gib": ns.ext_swap_gib,
         "swap_depth": ns.ext_swap_depth,

@@ -57,5 +57,5 @@ def build_policy(ext: ExtConfig, model_config) -> Policy:
                         tail_factor=ext.trail_tail_factor, **common)
     if ext.policy == "lamps":
         return LampsPolicy(lengths=trail, starvation_steps=ext.lamps_starvation_steps,
-                           admission=ext.lamps_admission)
+                           admission=ext.lamps_admission, preempt=ext.lamps_preempt)
     return trail

@@ -25,7 +25,10 @@ Two pure pieces, shared by the engine (`vllm_ext.sched.pauses`) and tests:
   and when a request passes the threshold, not on a fixed period.
   LAMPS orders admission; it does not preempt running requests. With admission "peak" the
   engine offers vLLM only the ranked head that fits the KV pool at its predicted peak
-  (`vllm_ext.sched.admission`).
+  (`vllm_ext.sched.admission`). With ``preempt`` (``--ext-lamps-preempt``, an extension, not
+  in the paper) the ranked head may preempt a running request by the length estimator's rule
+  (TRAIL's limited preemption: a shorter predicted remaining plus the victim's recompute, the
+  victim early in its life, a few times per request at most).
 """
 from __future__ import annotations
 
@@ -74,6 +77,7 @@ class LampsPolicy(Policy):
     lengths: Policy | None = None       # gives remaining(view); TrailPolicy in the engine
     starvation_steps: int = 100
     admission: str = "vllm"             # "peak": by predicted peak KV (vllm_ext.sched.admission)
+    preempt: bool = False               # the waiting head may preempt (the estimator's rule)
     step_s: float = 0.0                 # decode step (s), kept current by the engine
     recompute_steps_per_token: float = 0.0
     call_s: float = 1.0                 # latest call's predicted duration (engine keeps current)
@@ -139,4 +143,6 @@ class LampsPolicy(Policy):
 
     def choose_victim(self, candidate: RequestView,
                       running: Sequence[RequestView]) -> RequestView | None:
-        return None
+        if not self.preempt or self.lengths is None:
+            return None
+        return self.lengths.choose_victim(candidate, running)
