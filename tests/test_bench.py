@@ -367,7 +367,7 @@ def test_pooled_percentile_over_rounds_with_paired_ci(tmp_path):
             (tmp_path / f"{config}@3.0.b{rnd}.jsonl").write_text(
                 "\n".join(json.dumps(r) for r in recs) + "\n")
             rows.append({"config": config, "rate": 3.0, "round": rnd})
-    blocks = block_latencies(tmp_path, rows)
+    blocks = block_latencies(tmp_path, rows)["e2el_s"]
     assert len(blocks[("slow", 3.0)]) == 4 and blocks[("slow", 3.0)][2].size == 40  # failed out
     pooled = np.concatenate(list(blocks[("slow", 3.0)].values()))
     res = pooled_ratio(blocks[("slow", 3.0)], blocks[("base", 3.0)], 99)

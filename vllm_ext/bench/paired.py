@@ -109,19 +109,20 @@ def ci_table(rows: list[dict], baseline: str, unit: str = "round",
 POOLED = (("e2el_s", 90), ("e2el_s", 99), ("ttft_s", 99))
 
 
-def block_latencies(run_dir, rows: list[dict], unit: str = "round", field: str = "e2el_s"
-                    ) -> dict[tuple[str, float], dict[int, np.ndarray]]:
-    """{(config, rate): {round: `field` of every completed request of that block}}, read from
-    the run's block files (``NAME@RATE.bK.jsonl``; ``.rK`` for back-to-back repeats)."""
+def block_latencies(run_dir, rows: list[dict], unit: str = "round",
+                    fields=("e2el_s", "ttft_s")) -> dict[str, dict]:
+    """{field: {(config, rate): {round: that field of every completed request of the block}}},
+    each block file read once (``NAME@RATE.bK.jsonl``; ``.rK`` for back-to-back repeats)."""
     tag = "b" if unit == "round" else "r"
-    out: dict = {}
+    out: dict = {f: {} for f in fields}
     for r in rows:
         path = Path(run_dir) / f"{r['config']}@{r['rate']}.{tag}{r[unit]}.jsonl"
         if not path.exists():
             continue
         recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        out.setdefault((r["config"], r["rate"]), {})[r[unit]] = np.asarray(
-            [x[field] for x in recs if x.get("error") is None and x.get(field) is not None])
+        for f in fields:
+            out[f].setdefault((r["config"], r["rate"]), {})[r[unit]] = np.asarray(
+                [x[f] for x in recs if x.get("error") is None and x.get(f) is not None])
     return out
 
 
@@ -152,7 +153,7 @@ def pooled_table(run_dir, rows: list[dict], baseline: str, unit: str = "round") 
     """Percentiles over all of a config's requests (rounds pooled) vs the baseline's, with
     round-bootstrap CIs. The per-block p99 of `ci_table` is, at 40 requests a block, close to
     each block's maximum; this is the p90 / p99 of the run's whole latency distribution."""
-    fields = {f: block_latencies(run_dir, rows, unit, f) for f in {f for f, _ in POOLED}}
+    fields = block_latencies(run_dir, rows, unit, tuple(dict.fromkeys(f for f, _ in POOLED)))
     if not any(fields.values()):
         return ""
     heads = [f"p{q:g}_{f.replace('_s', '')} pooled" for f, q in POOLED]
