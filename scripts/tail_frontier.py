@@ -66,32 +66,22 @@ class DeadlineTrail(NoisyTrailPolicy):
         return view.arrival_time + self.deadline_s - service
 
 
-def calibrated_blocks(run: str, policies: dict, profile: str, slots: int):
-    """As `tail_sweep.simulate_blocks`, each block at its own served step cost; per rate:
-    (rate, {policy: [(mean, p99) per block]}, {policy: every request's e2e})."""
+def calibrated(profile: str, slots: int):
+    """block_cfg for `simulate_blocks`: each block at the step cost its own decode gaps show
+    (`simulate replay --calibrate-blocks`), prefill timings from the profile."""
     import json
     from pathlib import Path
 
-    from tail_sweep import block_requests
     from vllm_ext.sim.cli import _block_cost
-    from vllm_ext.sim.cluster import latency_stats, simulate
+    from vllm_ext.sim.profile import prefill_samples
 
-    prefill = [tuple(x) for x in json.loads(Path(profile).read_text())["samples"]
-               if x[0] != x[1]]
-    blocks = sorted(Path(run).glob("fcfs@*.b*.jsonl"))
-    rates = sorted({b.name.split("@")[1].split(".b")[0] for b in blocks}, key=float)
-    for rate in rates:
-        stats, pooled = {n: [] for n in policies}, {n: [] for n in policies}
-        for path in [b for b in blocks if f"@{rate}.b" in b.name]:
-            recs = [json.loads(line) for line in path.read_text().splitlines()]
-            cost, overhead = _block_cost(recs, prefill)
-            cfg = ReplicaConfig(max_num_seqs=slots, cost=cost)
-            for name, factory in policies.items():
-                done = simulate(block_requests(path, overhead), cfg, factory)
-                st = latency_stats(done)
-                stats[name].append((st["mean_e2el_s"], st["p99_e2el_s"]))
-                pooled[name] += [r.finish_s - r.arrival_s for r in done]
-        yield rate, stats, pooled
+    prefill = prefill_samples(profile)
+
+    def block_cfg(path):
+        recs = [json.loads(line) for line in Path(path).read_text().splitlines()]
+        cost, overhead = _block_cost(recs, prefill)
+        return ReplicaConfig(max_num_seqs=slots, cost=cost), overhead
+    return block_cfg
 
 
 def main() -> None:
@@ -116,14 +106,14 @@ def main() -> None:
     for d in (1.5, 2.0, 2.5, 3.0, 3.5):
         policies[f"deadline D={d:g}"] = lambda d=d: DeadlineTrail(tail_factor=0.0, deadline_s=d)
     if args.calibrate_blocks:
-        runs = calibrated_blocks(args.run, policies, args.profile, args.max_num_seqs)
+        block_cfg = calibrated(args.profile, args.max_num_seqs)
     else:
         cost, overhead = load_profile(args.profile)
         cfg = ReplicaConfig(max_num_seqs=args.max_num_seqs, cost=cost)
-        runs = ((rate, stats, None)
-                for rate, stats in simulate_blocks(args.run, policies, cfg, overhead))
+        block_cfg = lambda path: (cfg, overhead)  # noqa: E731
     points = {}
-    for rate, stats, pooled in runs:
+    for rate, stats, pooled in simulate_blocks(args.run, policies, block_cfg):
+        pooled = pooled if args.calibrate_blocks else None
         base = np.asarray(stats["fcfs"])
         print(f"SIMULATED, rate {rate}, {len(base)} blocks of {args.run}")
         print(f"{'policy':<22}{'mean vs fcfs':>13}{'p99 vs fcfs':>13}"

@@ -30,18 +30,23 @@ def block_requests(path: Path, overhead: float) -> list[SimRequest]:
             for r in recs if r["error"] is None]
 
 
-def simulate_blocks(run: str, policies: dict, cfg: ReplicaConfig, overhead: float):
-    """Per rate of `run`'s fcfs blocks: (rate, {policy: [(mean e2e s, p99 e2e s) per block]})."""
+def simulate_blocks(run: str, policies: dict, block_cfg):
+    """Per rate of `run`'s fcfs blocks, each simulated with ``block_cfg(path) -> (ReplicaConfig,
+    request overhead s)``: (rate, {policy: [(mean e2e s, p99 e2e s) per block]},
+    {policy: every simulated request's e2e s, all blocks pooled})."""
     blocks = sorted(Path(run).glob("fcfs@*.b*.jsonl"))
     rates = sorted({b.name.split("@")[1].split(".b")[0] for b in blocks}, key=float)
     for rate in rates:
-        stats = {name: [] for name in policies}
+        stats, pooled = {name: [] for name in policies}, {name: [] for name in policies}
         for path in [b for b in blocks if f"@{rate}.b" in b.name]:
+            cfg, overhead = block_cfg(path)
             reqs = block_requests(path, overhead)
             for name, factory in policies.items():
-                st = latency_stats(simulate(reqs, cfg, factory))
+                done = simulate(reqs, cfg, factory)
+                st = latency_stats(done)
                 stats[name].append((st["mean_e2el_s"], st["p99_e2el_s"]))
-        yield rate, stats
+                pooled[name] += [r.finish_s - r.arrival_s for r in done]
+        yield rate, stats, pooled
 
 
 def main() -> None:
@@ -56,7 +61,7 @@ def main() -> None:
     policies = {"fcfs": lambda: make_policy("fcfs"), "oracle": lambda: make_policy("oracle")}
     for f in args.factors:
         policies[f"trail tail={f:g}"] = lambda f=f: NoisyTrailPolicy(tail_factor=f)
-    for rate, stats in simulate_blocks(args.run, policies, cfg, overhead):
+    for rate, stats, _ in simulate_blocks(args.run, policies, lambda path: (cfg, overhead)):
         base = np.asarray(stats["fcfs"])
         print(f"SIMULATED, rate {rate}, {len(base)} blocks of {args.run}")
         print(f"{'policy':<18}{'mean e2e (s)':>13}{'vs fcfs':>9}{'p99 e2e (s)':>13}{'vs fcfs':>9}")

@@ -113,12 +113,11 @@ def _served_samples(args, model: str) -> list:
 
 
 def cmd_replay(args) -> None:
-    from vllm_ext.sim.profile import load_profile
+    from vllm_ext.sim.profile import load_profile, prefill_samples
 
     profiles = {name: load_profile(path) for name, path in args.config_profile}
     default = load_profile(args.profile)
-    prefill = [tuple(x) for x in json.loads(Path(args.profile).read_text()).get("samples", [])
-               if x[0] != x[1]] if args.calibrate_blocks else []
+    prefill = prefill_samples(args.profile) if args.calibrate_blocks else []
     if args.calibrate_blocks and not prefill:
         raise SystemExit(f"--calibrate-blocks: {args.profile} has no prefill samples")
     if args.calibrate_from and not args.calibrate_blocks:

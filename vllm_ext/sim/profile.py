@@ -143,6 +143,12 @@ def write_profile(path: Path, model: str, samples, served: bool = False) -> dict
     return data
 
 
+def prefill_samples(path: str | Path) -> list[tuple]:
+    """A profile's prefill timings (samples whose token count differs from the batch's)."""
+    return [tuple(x) for x in json.loads(Path(path).read_text()).get("samples", [])
+            if x[0] != x[1]]
+
+
 def load_profile(path: str | Path) -> tuple[StepCost, float]:
     """The step cost and the seconds a served request spends outside engine steps (0 for an
     LLMEngine profile)."""
